@@ -1,0 +1,1 @@
+"""The tiering engine: policy (pure), store, and the per-region trio tasks."""
