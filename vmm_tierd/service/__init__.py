@@ -1,0 +1,1 @@
+"""Everything operators touch: config, metrics, systemd, the run loop."""
