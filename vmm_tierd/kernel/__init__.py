@@ -17,7 +17,7 @@ def open_kernel(backend: str, **kwargs: object) -> Kernel:
         from .fake import FakeKernel
 
         dialect = Dialect.RFC if backend == "fake-rfc" else Dialect.RWP
-        return FakeKernel(dialect=dialect, **kwargs)  # type: ignore[arg-type]
+        return FakeKernel(dialect=dialect, **kwargs)
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of linux, fake, "
                      f"fake-rwp, fake-rfc")
 

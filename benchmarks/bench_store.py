@@ -1,0 +1,211 @@
+"""Page store and policy figures, each next to its reference (see run.py)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from vmm_tierd.engine.policy import PagePolicy
+from vmm_tierd.engine.store import PageStore
+from vmm_tierd.engine.store_format import crc32
+from vmm_tierd.kernel import stamps
+from vmm_tierd.settings import TrackingSettings
+
+PAGE = 4096
+BATCH = 512
+MASK = (1 << 64) - 1
+
+
+def stamp_pages(index: np.ndarray, version: int = 1) -> np.ndarray:
+    """stamps.page_bytes for many pages at once, (n, 4096) uint8 (same bytes)."""
+    idx = index.astype(np.uint64)
+    s = ((idx + np.uint64(1)) * np.uint64(stamps.GOLDEN)) ^ np.uint64(
+        (version * 0xBF58476D1CE4E5B9) & MASK)
+    s[s == 0] = np.uint64(stamps.GOLDEN)
+    out = np.empty((len(idx), PAGE // 8), dtype=np.uint64)
+    out[:, 0] = idx + np.uint64(1)
+    out[:, 1] = version
+    x = s.copy()
+    for i in range(2, 256):
+        x ^= x << np.uint64(13)
+        x ^= x >> np.uint64(7)
+        x ^= x << np.uint64(17)
+        out[:, i] = x
+    out[:, 256:] = s[:, None]
+    return out.view(np.uint8).reshape(len(idx), PAGE)
+
+
+def text_pages(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Text-like pages: Zipf-distributed words from a 3000-word vocabulary."""
+    letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", dtype=np.uint8)
+    vocab = [letters[rng.integers(0, 26, rng.integers(2, 10))].tobytes() for _ in range(3000)]
+    words = rng.zipf(1.3, 400_000) % len(vocab)
+    corpus = np.frombuffer(b" ".join(vocab[w] for w in words), dtype=np.uint8)
+    starts = rng.integers(0, len(corpus) - PAGE, n)
+    return corpus[starts[:, None] + np.arange(PAGE)]
+
+
+def guest_pages(n: int, seed: int = 7) -> np.ndarray:
+    """(n, 4096) uint8: 60% write-stamped, 30% text-like, 10% zero pages, shuffled."""
+    rng = np.random.default_rng(seed)
+    kind = rng.permutation(np.repeat([0, 1, 2], [n - n * 4 // 10, n * 3 // 10,
+                                                 n * 4 // 10 - n * 3 // 10]))
+    out = np.zeros((n, PAGE), dtype=np.uint8)
+    st = np.flatnonzero(kind == 0)
+    out[st] = stamp_pages(st, 1)
+    tx = np.flatnonzero(kind == 1)
+    out[tx] = text_pages(len(tx), rng)
+    assert out[st[0]].tobytes() == stamps.page_bytes(int(st[0]), 1)
+    return out
+
+
+def _ref_compress(cctx: zstandard.ZstdCompressor, mv: memoryview, n: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        cctx.compress(mv[i * PAGE:(i + 1) * PAGE])
+    return time.perf_counter() - t0
+
+
+def _fill(path: Path, pages: np.ndarray, sync: str, level: int = 1) -> dict[str, Any]:
+    """put_batch every page in 512-page batches, each interleaved with the reference."""
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=False,
+                                    write_checksum=False)
+    t_put = t_ref = 0.0
+    with PageStore(path, sync=sync, zstd_level=level, instance_id="bench") as s:
+        r = s.region_id("bench")
+        for b in range(0, len(pages), BATCH):
+            chunk = pages[b:b + BATCH]
+            mv = chunk.data.cast("B")
+            t_ref += _ref_compress(cctx, mv, len(chunk))
+            t0 = time.perf_counter()
+            s.put_batch(r, np.arange(b, b + len(chunk), dtype=np.uint64), mv)
+            t_put += time.perf_counter() - t0
+        st = s.stats()
+    mb = pages.nbytes / 1e6
+    return {"put_mbps": mb / t_put, "ref_mbps": mb / t_ref, "stats": st}
+
+
+def bench_eviction(quick: bool) -> dict[str, Any]:
+    n = 8192 if quick else 65536
+    pages = guest_pages(n)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="vmm-tierd-bench-", dir="/var/tmp") as tmp:
+        res = {sync: _fill(Path(tmp) / sync, pages, sync) for sync in ("none", "commit")}
+    for sync, r in res.items():
+        out[f"put_batch MB/s sync={sync}"] = {
+            "value": r["put_mbps"], "unit": "MB/s", "ref": r["ref_mbps"],
+            "ref_name": "zstd-only", "goal": ">= 0.7x ref"}
+        out[f"put_batch / zstd sync={sync}"] = {"value": r["put_mbps"] / r["ref_mbps"],
+                                                 "unit": "x", "goal": ">= 0.7"}
+    st = res["none"]["stats"]
+    nonzero = st.records - st.zero_records
+    out["compressed bytes/page"] = {"value": st.compressed_bytes / st.records, "unit": "B",
+                                    "ref": PAGE, "ref_name": "guest"}
+    out["disk bytes/page"] = {"value": st.disk_bytes / st.records, "unit": "B",
+                              "ref": st.compressed_bytes / st.records,
+                              "ref_name": "compressed", "goal": "<= 1.1x ref"}
+    out["disk / compressed"] = {"value": st.disk_bytes / st.compressed_bytes, "unit": "x",
+                                "goal": "<= 1.1",
+                                "note": f"{n} pages ({n * PAGE >> 20} MiB guest, "
+                                        f"{nonzero} non-zero), st_blocks of data.mdb"}
+    out["compression ratio"] = {"value": st.guest_bytes / max(1, st.disk_bytes), "unit": "x"}
+    return out
+
+
+def _percentiles(ns: list[int]) -> tuple[float, float]:
+    a = np.array(ns) / 1e3
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def bench_get(quick: bool) -> dict[str, Any]:
+    n = 8192 if quick else 65536
+    m = 20_000 if quick else 100_000
+    pages = guest_pages(n, seed=11)
+    nonzero = np.flatnonzero(pages.any(axis=1))
+    rng = np.random.default_rng(3)
+    order = rng.choice(nonzero, m)
+    cctx = zstandard.ZstdCompressor(level=1, write_content_size=False, write_checksum=False)
+    comp = {int(i): cctx.compress(pages[i].tobytes()) for i in np.unique(order)}
+    dctx = zstandard.ZstdDecompressor()
+    ns = time.perf_counter_ns
+    with tempfile.TemporaryDirectory(prefix="vmm-tierd-bench-", dir="/var/tmp") as tmp:
+        with PageStore(Path(tmp), sync="none", instance_id="bench") as s:
+            r = s.region_id("bench")
+            for b in range(0, n, BATCH):
+                s.put_batch(r, np.arange(b, b + BATCH, dtype=np.uint64),
+                            pages[b:b + BATCH].data.cast("B"))
+            get, dec = s.get, dctx.decompress
+            for p in nonzero.tolist():  # fault the LMDB mmap in once (first touch is slower)
+                get(r, p)
+            t_get, t_dec, t_dc = [], [], []
+            for p in order.tolist():  # interleaved so load noise hits all three alike
+                t0 = ns()
+                get(r, p)
+                t1 = ns()
+                dec(comp[p], max_output_size=PAGE)
+                t2 = ns()
+                crc32(dec(comp[p], max_output_size=PAGE))
+                t3 = ns()
+                t_get.append(t1 - t0)
+                t_dec.append(t2 - t1)
+                t_dc.append(t3 - t2)
+            zero = np.flatnonzero(~pages.any(axis=1))[:2000].tolist()
+            t_zero = []
+            for p in zero:
+                t0 = ns()
+                get(r, p)
+                t_zero.append(ns() - t0)
+    g50, g99 = _percentiles(t_get)
+    d50, d99 = _percentiles(t_dec)
+    c50, _ = _percentiles(t_dc)
+    z50, _ = _percentiles(t_zero)
+    return {
+        "get p50": {"value": g50, "unit": "us", "ref": d50, "ref_name": "decompress-only",
+                    "goal": "<= 10"},
+        "get p99": {"value": g99, "unit": "us", "ref": d99, "ref_name": "decompress-only"},
+        "decompress+crc p50": {"value": c50, "unit": "us", "ref": d50,
+                               "ref_name": "decompress-only"},
+        "get p50 (zero page)": {"value": z50, "unit": "us"},
+        "gets": {"value": m, "note": f"random non-zero pages of a {n * PAGE >> 20} MiB store, "
+                                    "after one warm-up pass"},
+    }
+
+
+def bench_policy(quick: bool) -> dict[str, Any]:
+    gib = 1 if quick else 8
+    n = gib << 18
+    p = PagePolicy(n, TrackingSettings(min_age=2, budget_pages=100_000))
+    rng = np.random.default_rng(5)
+    masks = [rng.random(n) < 0.9 for _ in range(4)]
+    cycles = 10 if quick else 20
+    t_obs = t_sel = 0.0
+    for c in range(cycles):
+        t0 = time.perf_counter()
+        p.observe(masks[c % 4])
+        t1 = time.perf_counter()
+        got = p.select(3.0)
+        t2 = time.perf_counter()
+        p.mark_evicted(got[: len(got) // 2])
+        p.mark_resident(got[: len(got) // 100])
+        t_obs += t1 - t0
+        t_sel += t2 - t1
+    regions = np.array([[0x10000000 + i * 2 * PAGE, 0x10000000 + i * 2 * PAGE + PAGE, 1]
+                        for i in range(0, min(n // 2, 50_000))], dtype=np.uint64)
+    t0 = time.perf_counter()
+    PagePolicy.ranges_to_mask(regions, 0x10000000, n)
+    t_mask = time.perf_counter() - t0
+    per = 1e3 / cycles / gib
+    return {
+        "metadata bytes/page": {"value": p.metadata_bytes_per_page, "unit": "B",
+                                "goal": "<= 2"},
+        "observe ms/GiB": {"value": t_obs * per, "unit": "ms"},
+        "select ms/GiB": {"value": t_sel * per, "unit": "ms"},
+        "observe+select ms/GiB": {"value": (t_obs + t_sel) * per, "unit": "ms",
+                                  "note": f"{gib} GiB guest, {cycles} cycles, 10% accessed"},
+        "ranges_to_mask ms (50k regions)": {"value": t_mask * 1e3, "unit": "ms"},
+    }

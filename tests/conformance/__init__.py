@@ -1,0 +1,1 @@
+"""Table-driven conformance cases run against every kernel backend and memory type."""

