@@ -11,45 +11,53 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from vmm_tierd.kernel import uapi
-from vmm_tierd.kernel.linux import LinuxKernel
+from vmm_tierd.kernel.linux import LinuxKernel, ffi, lib
 
 PS = 4096
 MADV_POPULATE_WRITE = 23
 
 
-def bench_copy(k: LinuxKernel, n: int = 50_000) -> None:
+def bench_copy(k: LinuxKernel, n: int = 50_000, batch: int = 1000) -> None:
+    """Figures are the best batch of ``batch`` calls: the host is shared and noisy."""
     r = k.map_anon(n * PS)
     fd = k.uffd_open()
     k.uffd_api(fd, 0)
     k.uffd_register(fd, r.addr, r.length, uapi.UFFDIO_REGISTER_MODE_MISSING)
     page = b"\x5a" * PS
-    t0 = time.perf_counter()
-    for i in range(n):
-        k.uffd_copy(fd, r.addr + i * PS, page)
-    copy_us = (time.perf_counter() - t0) / n * 1e6
-    t0 = time.perf_counter()
-    for _ in range(n):
-        k.uffd_wake(fd, r.addr, PS)
-    wake_us = (time.perf_counter() - t0) / n * 1e6
+
+    def best(fn: Callable[[int], object]) -> float:
+        out = 1e30
+        for b in range(0, n - batch + 1, batch):
+            t0 = time.perf_counter()
+            for i in range(b, b + batch):
+                fn(i)
+            out = min(out, (time.perf_counter() - t0) / batch * 1e6)
+        return out
+
+    copy_us = best(lambda i: k.uffd_copy(fd, r.addr + i * PS, page))
+    wake_us = best(lambda i: k.uffd_wake(fd, r.addr, PS))
     chunk = 256
     k.madvise(r.addr, r.length, uapi.MADV_DONTNEED)
     big = b"\x5a" * (chunk * PS)
-    t0 = time.perf_counter()
+    big_us = 1e30
     for i in range(0, n - chunk + 1, chunk):
+        t0 = time.perf_counter()
         k.uffd_copy(fd, r.addr + i * PS, big)
-    big_us = (time.perf_counter() - t0) / (n // chunk * chunk) * 1e6
+        big_us = min(big_us, (time.perf_counter() - t0) / chunk * 1e6)
     k.uffd_close(fd)
     k.unmap(r)
-    c_us = c_copy_us(n)
+    c_us = c_copy_us(n, batch)
     print(f"UFFDIO_COPY 1 page/call from Python: {copy_us:.2f} us/page")
     if c_us is not None:
         print(f"UFFDIO_COPY 1 page/call from C:      {c_us:.2f} us/page "
@@ -74,7 +82,7 @@ struct copy { uint64_t dst, src, len, mode; int64_t copy; };
 int main(int argc, char **argv) {
     unsigned long IOC_API = strtoul(argv[1], 0, 0), IOC_REG = strtoul(argv[2], 0, 0);
     unsigned long IOC_COPY = strtoul(argv[3], 0, 0);
-    long n = atol(argv[4]);
+    long n = atol(argv[4]), batch = atol(argv[5]);
     int fd = syscall(SYS_userfaultfd, 0);
     struct api a = { 0xAA, 0, 0 };
     if (fd < 0 || ioctl(fd, IOC_API, &a)) return 1;
@@ -82,20 +90,25 @@ int main(int argc, char **argv) {
     struct reg r = { (uintptr_t)m, n * 4096, 1, 0 };
     if (ioctl(fd, IOC_REG, &r)) return 2;
     static char page[4096] = { 0x5a };
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long i = 0; i < n; i++) {
-        struct copy c = { (uintptr_t)m + i * 4096, (uintptr_t)page, 4096, 0, 0 };
-        if (ioctl(fd, IOC_COPY, &c)) return 3;
+    double best = 1e30;
+    for (long b = 0; b + batch <= n; b += batch) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (long i = b; i < b + batch; i++) {
+            struct copy c = { (uintptr_t)m + i * 4096, (uintptr_t)page, 4096, 0, 0 };
+            if (ioctl(fd, IOC_COPY, &c)) return 3;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double us = ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / batch / 1e3;
+        if (us < best) best = us;
     }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    printf("%f\n", ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / n / 1e3);
+    printf("%f\n", best);
     return 0;
 }
 """
 
 
-def c_copy_us(n: int) -> float | None:
+def c_copy_us(n: int, batch: int) -> float | None:
     cc = shutil.which("cc")
     if cc is None:
         return None
@@ -103,7 +116,7 @@ def c_copy_us(n: int) -> float | None:
         Path(d, "c.c").write_text(C_COPY)
         subprocess.run([cc, "-O2", "-o", f"{d}/c", f"{d}/c.c"], check=True)
         out = subprocess.run([f"{d}/c", hex(uapi.UFFDIO_API), hex(uapi.UFFDIO_REGISTER),
-                              hex(uapi.UFFDIO_COPY), str(n)], check=True,
+                              hex(uapi.UFFDIO_COPY), str(n), str(batch)], check=True,
                              capture_output=True, text=True).stdout
     return float(out)
 
@@ -127,10 +140,27 @@ def bench_scan(k: LinuxKernel, gib: int, reps: int = 5) -> None:
         res = k.pagemap_scan(r.addr, end, flags=flags, **kw)
         return (time.perf_counter() - t0) * 1e3 / gib, len(res.regions), res.calls
 
+    raw_vec = ffi.new("struct page_region[]", size // PS // 2 + 1)
+    raw_arg = ffi.new("struct pm_scan_arg *")
+
+    def raw(flags: int) -> float:
+        """One bare ioctl with a vector big enough for any result: the kernel's cost."""
+        raw_arg.size, raw_arg.flags, raw_arg.start, raw_arg.end = 96, flags, r.addr, end
+        raw_arg.vec, raw_arg.vec_len = int(ffi.cast("uintptr_t", raw_vec)), len(raw_vec)
+        raw_arg.category_mask = raw_arg.return_mask = uapi.PAGE_IS_WRITTEN
+        fd_pm = os.open("/proc/self/pagemap", os.O_RDONLY)
+        t0 = time.perf_counter()
+        ret = lib.vt_ioctl(fd_pm, uapi.PAGEMAP_SCAN, raw_arg)
+        ms = (time.perf_counter() - t0) * 1e3 / gib
+        os.close(fd_pm)
+        assert ret >= 0
+        return ms
+
     clean = min(timed(0)[0] for _ in range(reps))
     rng = np.random.default_rng(1)
     plain: list[float] = []
     matching: list[float] = []
+    raw_plain: list[float] = []
     info = (0, 0)
     for _ in range(reps):
         pages = np.flatnonzero(rng.random(size // PS) < 0.2)
@@ -138,6 +168,7 @@ def bench_scan(k: LinuxKernel, gib: int, reps: int = 5) -> None:
             k.madvise(r.addr + p * PS, PS, MADV_POPULATE_WRITE)
         ms, nreg, calls = timed(0)
         plain.append(ms)
+        raw_plain.append(raw(0))
         ms, nreg, calls = timed(uapi.PM_SCAN_WP_MATCHING)
         matching.append(ms)
         info = (nreg, calls)
@@ -145,7 +176,8 @@ def bench_scan(k: LinuxKernel, gib: int, reps: int = 5) -> None:
     k.unmap(r)
     print(f"UFFDIO_WRITEPROTECT: {wp_ms:.1f} ms/GiB")
     print(f"PAGEMAP_SCAN clean region:          {clean:.2f} ms/GiB")
-    print(f"PAGEMAP_SCAN 20% written:           {min(plain):.2f} ms/GiB")
+    print(f"PAGEMAP_SCAN 20% written:           {min(plain):.2f} ms/GiB "
+          f"(one bare ioctl: {min(raw_plain):.2f} ms/GiB)")
     print(f"PAGEMAP_SCAN 20% written + WP_MATCH: {min(matching):.2f} ms/GiB "
           f"({info[0]} regions, {info[1]} ioctl calls)")
 

@@ -75,19 +75,40 @@ def _fill(path: Path, pages: np.ndarray, sync: str, level: int = 1) -> dict[str,
     """put_batch every page in 512-page batches, each interleaved with the reference."""
     cctx = zstandard.ZstdCompressor(level=level, write_content_size=False,
                                     write_checksum=False)
-    t_put = t_ref = 0.0
+    t_put: list[float] = []
+    t_ref: list[float] = []
     with PageStore(path, sync=sync, zstd_level=level, instance_id="bench") as s:
         r = s.region_id("bench")
         for b in range(0, len(pages), BATCH):
             chunk = pages[b:b + BATCH]
             mv = chunk.data.cast("B")
-            t_ref += _ref_compress(cctx, mv, len(chunk))
+            t_ref.append(_ref_compress(cctx, mv, len(chunk)))
             t0 = time.perf_counter()
             s.put_batch(r, np.arange(b, b + len(chunk), dtype=np.uint64), mv)
-            t_put += time.perf_counter() - t0
+            t_put.append(time.perf_counter() - t0)
         st = s.stats()
     mb = pages.nbytes / 1e6
-    return {"put_mbps": mb / t_put, "ref_mbps": mb / t_ref, "stats": st}
+    # per-batch ratios: a load spike on this shared machine hits one batch, not the median
+    ratio = float(np.median(np.array(t_ref) / np.array(t_put)))
+    return {"put_mbps": mb / sum(t_put), "ref_mbps": mb / sum(t_ref), "ratio": ratio,
+            "stats": st}
+
+
+def _churn(path: Path, pages: np.ndarray, rounds: int) -> Any:
+    """Rounds of: a random third of the pages faulted back (records deleted), background
+    GC (compact() until done, as the engine's worker would), the pages evicted again."""
+    rng = np.random.default_rng(9)
+    with PageStore(path, sync="none", instance_id="bench") as s:
+        r = s.region_id("bench")
+        for _ in range(rounds):
+            gone = np.sort(rng.choice(len(pages), len(pages) // 3, replace=False))
+            s.delete(r, gone.astype(np.uint64))
+            while s.compact(4):
+                pass
+            for b in range(0, len(gone), BATCH):
+                idx = gone[b:b + BATCH]
+                s.put_batch(r, idx.astype(np.uint64), np.ascontiguousarray(pages[idx]).data)
+        return s.stats()
 
 
 def bench_eviction(quick: bool) -> dict[str, Any]:
@@ -96,12 +117,15 @@ def bench_eviction(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="vmm-tierd-bench-", dir="/var/tmp") as tmp:
         res = {sync: _fill(Path(tmp) / sync, pages, sync) for sync in ("none", "commit")}
+        rounds = 3 if quick else 10
+        churned = _churn(Path(tmp) / "none", pages, rounds)
     for sync, r in res.items():
         out[f"put_batch MB/s sync={sync}"] = {
             "value": r["put_mbps"], "unit": "MB/s", "ref": r["ref_mbps"],
             "ref_name": "zstd-only", "goal": ">= 0.7x ref"}
-        out[f"put_batch / zstd sync={sync}"] = {"value": r["put_mbps"] / r["ref_mbps"],
-                                                 "unit": "x", "goal": ">= 0.7"}
+        out[f"put_batch / zstd sync={sync}"] = {
+            "value": r["ratio"], "unit": "x", "goal": ">= 0.7",
+            "note": "median over 512-page batches of zstd-only time / put_batch time"}
     st = res["none"]["stats"]
     nonzero = st.records - st.zero_records
     out["compressed bytes/page"] = {"value": st.compressed_bytes / st.records, "unit": "B",
@@ -113,6 +137,11 @@ def bench_eviction(quick: bool) -> dict[str, Any]:
                                 "goal": "<= 1.1",
                                 "note": f"{n} pages ({n * PAGE >> 20} MiB guest, "
                                         f"{nonzero} non-zero), st_blocks of data.mdb"}
+    out["disk / compressed after churn"] = {
+        "value": churned.disk_bytes / churned.compressed_bytes, "unit": "x", "goal": "<= 1.1",
+        "ref": churned.used_bytes / churned.compressed_bytes, "ref_name": "LMDB pages in use",
+        "note": f"{rounds} rounds of: delete a random third, compact(), put them back; "
+                "the LMDB file never shrinks and its free runs fragment"}
     out["compression ratio"] = {"value": st.guest_bytes / max(1, st.disk_bytes), "unit": "x"}
     return out
 
@@ -142,18 +171,19 @@ def bench_get(quick: bool) -> dict[str, Any]:
             get, dec = s.get, dctx.decompress
             for p in nonzero.tolist():  # fault the LMDB mmap in once (first touch is slower)
                 get(r, p)
-            t_get, t_dec, t_dc = [], [], []
-            for p in order.tolist():  # interleaved so load noise hits all three alike
+            t_get, t_dec, t_crc = [], [], []
+            for p in order.tolist():  # interleaved so load noise hits both alike
+                c = comp[p]
                 t0 = ns()
                 get(r, p)
                 t1 = ns()
-                dec(comp[p], max_output_size=PAGE)
+                out = dec(c, max_output_size=PAGE)
                 t2 = ns()
-                crc32(dec(comp[p], max_output_size=PAGE))
+                crc32(out)
                 t3 = ns()
                 t_get.append(t1 - t0)
                 t_dec.append(t2 - t1)
-                t_dc.append(t3 - t2)
+                t_crc.append(t3 - t2)
             zero = np.flatnonzero(~pages.any(axis=1))[:2000].tolist()
             t_zero = []
             for p in zero:
@@ -162,14 +192,13 @@ def bench_get(quick: bool) -> dict[str, Any]:
                 t_zero.append(ns() - t0)
     g50, g99 = _percentiles(t_get)
     d50, d99 = _percentiles(t_dec)
-    c50, _ = _percentiles(t_dc)
+    c50, _ = _percentiles(t_crc)
     z50, _ = _percentiles(t_zero)
     return {
         "get p50": {"value": g50, "unit": "us", "ref": d50, "ref_name": "decompress-only",
                     "goal": "<= 10"},
         "get p99": {"value": g99, "unit": "us", "ref": d99, "ref_name": "decompress-only"},
-        "decompress+crc p50": {"value": c50, "unit": "us", "ref": d50,
-                               "ref_name": "decompress-only"},
+        "crc32 p50": {"value": c50, "unit": "us", "note": "crc32 of 4 KiB (zlib-ng)"},
         "get p50 (zero page)": {"value": z50, "unit": "us"},
         "gets": {"value": m, "note": f"random non-zero pages of a {n * PAGE >> 20} MiB store, "
                                     "after one warm-up pass"},

@@ -138,7 +138,9 @@ def test_close_and_unregister_restore_access(setup: tuple[FakeKernel, Region]) -
     t.protect()
     a = k.start_access(r.addr + 2 * PS, AccessKind.READ, 1)
     assert a.wait(0.2).status is AccessStatus.PENDING
-    k.uffd_unregister(t.fd, r.addr, 8 * PS)  # wakes it; the page is accessible again
+    k.uffd_unregister(t.fd, r.addr, 8 * PS)  # unprotects, but wakes only MISSING faults
+    assert a.wait(0.2).status is AccessStatus.PENDING
+    k.uffd_wake(t.fd, r.addr + 2 * PS, PS)
     assert a.wait(5).data == b"\3"
     b = k.start_access(r.addr + 10 * PS, AccessKind.READ, 1)
     assert b.wait(0.2).status is AccessStatus.PENDING

@@ -244,7 +244,12 @@ def test_remove_event_blocks_madvise_and_eagain(k: FakeKernel) -> None:
     k.uffd_register(fd, r.addr, r.length, U.UFFDIO_REGISTER_MODE_MISSING)
     k.uffd_copy(fd, r.addr, b"q" * PS)
     done = threading.Event()
-    t = threading.Thread(target=lambda: (k.madvise(r.addr, PS, U.MADV_DONTNEED), done.set()))
+
+    def dontneed() -> None:
+        k.madvise(r.addr, PS, U.MADV_DONTNEED)
+        done.set()
+
+    t = threading.Thread(target=dontneed)
     t.start()
     assert select.select([fd], [], [], 5)[0] == [fd]
     assert not done.is_set()  # madvise waits until the REMOVE event is read

@@ -125,6 +125,18 @@ def test_zero_subset_is_deterministic(kernel: LinuxKernel) -> None:
         kernel.unmap(r)
 
 
+def test_verify_refuses_a_running_workload(kernel: LinuxKernel) -> None:
+    r = kernel.map_anon(8 * PAGE)
+    try:
+        w = start_workload(kernel, r, WorkloadSpec(threads=1, ops_per_sec=10))
+        with pytest.raises(RuntimeError, match="stop"):
+            w.verify()
+        w.stop()
+        assert w.verify().pages == 8
+    finally:
+        kernel.unmap(r)
+
+
 # ---- patterns -------------------------------------------------------------------------
 def counted(kernel: LinuxKernel, r: Region, spec: WorkloadSpec, ops: int) -> LinuxWorkload:
     w = start_workload(kernel, r, spec, count_accesses=True)

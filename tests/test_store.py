@@ -187,6 +187,31 @@ def test_compaction_rewrites_sparse_segments(tmp_path: Path) -> None:
     s.close()
 
 
+def test_gc_keeps_dead_bytes_bounded_under_churn(tmp_path: Path) -> None:
+    s = PageStore(tmp_path, sync="none", instance_id="t", gc_dead=0.1)
+    r = s.region_id("g")
+    data = [stamps.page_bytes(i, 1) for i in range(3072)]
+    put(s, r, list(range(3072)), data)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        gone = np.sort(rng.choice(3072, 1024, replace=False))
+        s.delete(r, gone)
+        assert s.stats().dead_bytes > 0.2 * s.stats().compressed_bytes
+        while s.compact(4):
+            pass
+        st = s.stats()
+        assert st.dead_bytes <= 0.1 * st.compressed_bytes
+        for b in range(0, 1024, 512):
+            idx = gone[b:b + 512]
+            put(s, r, idx.tolist(), [data[i] for i in idx])
+    st = s.stats()
+    assert st.used_bytes <= st.file_bytes
+    assert st.used_bytes <= 1.2 * st.compressed_bytes, st
+    assert st == s.scan_stats()
+    check(s, r, dict(enumerate(data)))
+    s.close()
+
+
 def test_compaction_inside_put_batch(tmp_path: Path) -> None:
     s = PageStore(tmp_path, sync="none", instance_id="t", compact_in_put=2)
     r = s.region_id("g")

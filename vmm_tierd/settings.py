@@ -25,7 +25,8 @@ class TrackingSettings:
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    path: Path = Path("~/.local/state/vmm-tierd/store").expanduser()
+    path: Path = field(default_factory=lambda: Path("~/.local/state/vmm-tierd/store")
+                       .expanduser())
     map_size_bytes: int = 8 << 30
     zstd_level: int = 1
     sync: str = "commit"  # "commit" (fsync each txn), "periodic" (metasync off), "none"

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable
-from functools import lru_cache
 
-from vmm_tierd.kernel import stamps, uapi
+from vmm_tierd.kernel import uapi
 from vmm_tierd.kernel.api import (
-    Access,
     AccessKind,
     AccessStatus,
     Dialect,
@@ -24,7 +21,22 @@ from vmm_tierd.kernel.api import (
     RemoveEvent,
 )
 
-from .harness import TIMEOUT, Case, Ctx, Needs
+from .cases_rwp import (
+    detach_memfd_rwp,
+    detach_memfd_wp,
+    rwp_async,
+    rwp_close,
+    rwp_cold_scan,
+    rwp_gup,
+    rwp_missing_hole,
+    rwp_move_detach,
+    rwp_register_combos,
+    rwp_sync,
+    rwp_toggle,
+    rwp_unregister,
+    wp_unregister,
+)
+from .harness import TIMEOUT, Case, Ctx, Needs, check, data, fault_at, fill
 
 ANON_ONLY = (MemType.ANON,)
 MEMFD_ONLY = (MemType.MEMFD,)
@@ -42,40 +54,6 @@ RWP = Needs(
 BASIC = Needs(memfd=F.UFFD_FEATURE_MISSING_SHMEM)
 WP_ASYNC = Needs(common=F.UFFD_FEATURE_PAGEFAULT_FLAG_WP | F.UFFD_FEATURE_WP_ASYNC,
                  memfd=F.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
-
-
-@lru_cache(maxsize=256)
-def data(page: int, version: int) -> bytes:
-    return stamps.page_bytes(page, version)
-
-
-def fill(ctx: Ctx, pages: range | list[int] | None = None, version: int = 1) -> None:
-    """Write known content through the accessor (before registration: never faults)."""
-    pages = range(ctx.npages) if pages is None else pages
-    acc = [(p, ctx.access(ctx.addr(p), AccessKind.WRITE, data(p, version))) for p in pages]
-    for p, a in acc:
-        r = ctx.wait_access(a)
-        assert r.status is AccessStatus.OK, f"fill page {p}: {r}"
-
-
-def check(ctx: Ctx, pages: range | list[int], version: int) -> None:
-    acc = [(p, ctx.access(ctx.addr(p), AccessKind.READ)) for p in pages]
-    for p, a in acc:
-        r = ctx.wait_access(a)
-        assert r.status is AccessStatus.OK, f"read page {p}: {r}"
-        assert r.data == data(p, version), f"page {p}: content is not version {version}"
-
-
-def fault_at(ctx: Ctx, page: int, *, rwp: bool = False, missing: bool = False,
-             minor: bool = False) -> None:
-    f = ctx.wait_fault()
-    assert f.address == ctx.addr(page), f"fault at 0x{f.address:x}, expected page {page}"
-    if rwp:
-        assert ctx.is_rwp_fault(f), f"expected an {ctx.dialect.value} tracking fault: {f}"
-    if missing:
-        assert f.missing, f"expected a MISSING fault: {f}"
-    if minor:
-        assert f.minor, f"expected a MINOR fault: {f}"
 
 
 # ---- MISSING ----------------------------------------------------------------------------
@@ -326,191 +304,6 @@ def remove_event(ctx: Ctx) -> None:
     ctx.expect_quiet()
 
 
-# ---- read+write tracking: the RFC's six selftests ---------------------------------------
-def rwp_setup(ctx: Ctx, extra_mode: int = 0) -> None:
-    fill(ctx)
-    ctx.register(ctx.rwp_mode | extra_mode)
-    ctx.protect_all()
-
-
-def rwp_async(ctx: Ctx) -> None:
-    rwp_setup(ctx)
-    check(ctx, range(16), 1)
-    fill(ctx, [3], 2)
-    check(ctx, [3], 2)
-    ctx.expect_quiet()
-
-
-def rwp_sync(ctx: Ctx) -> None:
-    rwp_setup(ctx)
-    ctx.set_async(False)
-    a = ctx.access(ctx.addr(3), AccessKind.READ)
-    fault_at(ctx, 3, rwp=True)
-    assert not a.done()
-    ctx.unprotect(3)
-    r = ctx.wait_access(a)
-    assert r.status is AccessStatus.OK and r.data == data(3, 1)
-    w = ctx.access(ctx.addr(4), AccessKind.WRITE, data(4, 2))
-    fault_at(ctx, 4, rwp=True)
-    ctx.unprotect(4)
-    assert ctx.wait_access(w).status is AccessStatus.OK
-    check(ctx, [3], 1)
-    check(ctx, [4], 2)
-    ctx.expect_quiet()
-
-
-def rwp_cold_scan(ctx: Ctx) -> None:
-    rwp_setup(ctx)
-    assert ctx.cold_scan() == set(range(16))
-    check(ctx, range(4), 1)  # reads count: the point of RWP over WP
-    fill(ctx, range(4, 8), 2)
-    assert ctx.cold_scan() == set(range(8, 16))
-    ctx.expect_quiet()
-
-
-def rwp_gup(ctx: Ctx) -> None:
-    rwp_setup(ctx)
-    r = ctx.wait_access(ctx.access(ctx.addr(0), AccessKind.GUP_READ))
-    assert r.status is AccessStatus.OK and r.data == data(0, 1), r
-    assert 0 not in ctx.cold_scan()
-    ctx.expect_quiet()
-    ctx.set_async(False)  # GUP in sync mode blocks like any access
-    a = ctx.access(ctx.addr(1), AccessKind.GUP_READ)
-    fault_at(ctx, 1, rwp=True)
-    ctx.unprotect(1)
-    r = ctx.wait_access(a)
-    assert r.status is AccessStatus.OK and r.data == data(1, 1), r
-
-
-def rwp_toggle(ctx: Ctx) -> None:
-    rwp_setup(ctx)
-    check(ctx, range(8), 1)
-    ctx.expect_quiet()
-    ctx.set_async(False)
-    a = ctx.access(ctx.addr(12), AccessKind.READ)
-    fault_at(ctx, 12, rwp=True)
-    assert not a.done()
-    ctx.set_async(True)  # wakes the blocked fault, which then auto-resolves
-    r = ctx.wait_access(a)
-    assert r.status is AccessStatus.OK and r.data == data(12, 1)
-    ctx.expect_quiet()
-    assert ctx.cold_scan() == set(range(8, 16)) - {12}
-    ctx.protect_all()
-    check(ctx, range(16), 1)
-    ctx.expect_quiet()
-
-
-def rwp_close(ctx: Ctx) -> None:
-    rwp_setup(ctx)
-    ctx.set_async(False)
-    a = ctx.access(ctx.addr(5), AccessKind.READ)
-    fault_at(ctx, 5, rwp=True)
-    ctx.close_uffd()
-    r = ctx.wait_access(a)
-    assert r.status is AccessStatus.OK and r.data == data(5, 1)
-    check(ctx, range(16), 1)
-    fill(ctx, [6], 2)
-    check(ctx, [6], 2)
-
-
-def unregister_wakes_only_missing(ctx: Ctx, mode: int, block: Callable[[int], Access],
-                                  arm: Callable[[], None]) -> None:
-    """UFFDIO_UNREGISTER wakes the range's blocked faults only where it was registered
-    MISSING (fs/userfaultfd.c: ``if (userfaultfd_missing(vma)) wake_userfault(...)``);
-    otherwise they stay blocked until UFFDIO_WAKE (or close)."""
-    k, ps = ctx.kernel, ctx.ps
-    ctx.register(mode)
-    arm()
-    a = block(9)
-    ctx.unregister()
-    assert a.wait(0.2).status is AccessStatus.PENDING, "UNREGISTER woke a non-MISSING fault"
-    k.uffd_wake(ctx.uffd, ctx.addr(9), ps)
-    assert ctx.wait_access(a).status is AccessStatus.OK
-    ctx.register(mode | MISSING)
-    arm()
-    b = block(10)
-    ctx.unregister()
-    assert ctx.wait_access(b).status is AccessStatus.OK
-
-
-def rwp_unregister(ctx: Ctx) -> None:
-    fill(ctx)
-    ctx.set_async(False)
-
-    def block(page: int) -> Access:
-        a = ctx.access(ctx.addr(page), AccessKind.READ)
-        fault_at(ctx, page, rwp=True)
-        return a
-
-    unregister_wakes_only_missing(ctx, ctx.rwp_mode, block, ctx.protect_all)
-    check(ctx, range(16), 1)
-    ctx.expect_quiet()
-
-
-def wp_unregister(ctx: Ctx) -> None:
-    fill(ctx)
-
-    def arm() -> None:
-        ctx.kernel.uffd_writeprotect(ctx.uffd, ctx.region.addr, ctx.length,
-                                     F.UFFDIO_WRITEPROTECT_MODE_WP)
-
-    def block(page: int) -> Access:
-        a = ctx.access(ctx.addr(page), AccessKind.WRITE, data(page, 2))
-        f = ctx.wait_fault()
-        assert (f.address, f.wp, f.write) == (ctx.addr(page), True, True), f
-        return a
-
-    unregister_wakes_only_missing(ctx, uapi.UFFDIO_REGISTER_MODE_WP, block, arm)
-    check(ctx, [9, 10], 2)
-    check(ctx, [0, 8, 11], 1)
-    ctx.expect_quiet()
-
-
-# ---- memfd race-free detach (the engine's design) -----------------------------------------
-def detach_memfd_wp(ctx: Ctx) -> None:
-    k, ps, fd, mfd = ctx.kernel, ctx.ps, ctx.uffd, ctx.region.fd
-    fill(ctx)
-    ctx.register(MISSING | uapi.UFFDIO_REGISTER_MODE_WP | uapi.UFFDIO_REGISTER_MODE_MINOR)
-    k.uffd_writeprotect(fd, ctx.region.addr, ctx.length, F.UFFDIO_WRITEPROTECT_MODE_WP)
-    fill(ctx, [5], 2)
-    assert ctx.written_scan() == {5}
-    # Zap the guest PTEs: with MINOR registered any access now blocks.
-    k.madvise(ctx.addr(5), 2 * ps, F.MADV_DONTNEED)
-    a = ctx.access(ctx.addr(5), AccessKind.READ)
-    fault_at(ctx, 5, minor=True)
-    assert k.pread(mfd, ctx.off(5), ps) == data(5, 2)
-    k.punch_hole(mfd, ctx.off(5), ps)
-    assert k.pread(mfd, ctx.off(5), ps) == bytes(ps)
-    assert k.uffd_copy(fd, ctx.addr(5), data(5, 2)) == ps  # punched: serve by COPY
-    r = ctx.wait_access(a)
-    assert r.status is AccessStatus.OK and r.data == data(5, 2)
-    b = ctx.access(ctx.addr(6), AccessKind.READ)
-    fault_at(ctx, 6, minor=True)
-    assert k.pread(mfd, ctx.off(6), ps) == data(6, 1)
-    assert k.uffd_continue(fd, ctx.addr(6), ps) == ps  # not punched: CONTINUE
-    r = ctx.wait_access(b)
-    assert r.status is AccessStatus.OK and r.data == data(6, 1)
-    ctx.expect_quiet()
-
-
-def detach_memfd_rwp(ctx: Ctx) -> None:
-    k, ps, fd, mfd = ctx.kernel, ctx.ps, ctx.uffd, ctx.region.fd
-    rwp_setup(ctx, MISSING)
-    ctx.set_async(False)  # hold faults on the page being detached
-    a = ctx.access(ctx.addr(5), AccessKind.READ)
-    fault_at(ctx, 5, rwp=True)
-    assert k.pread(mfd, ctx.off(5), ps) == data(5, 1)
-    k.punch_hole(mfd, ctx.off(5), ps)
-    k.uffd_wake(fd, ctx.addr(5), ps)  # the retried access now finds a hole
-    fault_at(ctx, 5, missing=True)
-    assert k.uffd_copy(fd, ctx.addr(5), data(5, 1)) == ps
-    r = ctx.wait_access(a)
-    assert r.status is AccessStatus.OK and r.data == data(5, 1)
-    ctx.set_async(True)
-    check(ctx, range(16), 1)
-    ctx.expect_quiet()
-
-
 # ---- what each dialect lacks ----------------------------------------------------------------
 def dialect_absent_ops(ctx: Ctx) -> None:
     """An ioctl the kernel lacks fails EINVAL: the uffd ioctl switch's default answer on
@@ -562,6 +355,11 @@ CASES: tuple[Case, ...] = (
     Case("rwp-toggle", rwp_toggle, RWP),
     Case("rwp-close", rwp_close, RWP),
     Case("rwp-unregister", rwp_unregister, RWP),
+    Case("rwp-missing-hole", rwp_missing_hole, RWP),
+    Case("rwp-register-combos", rwp_register_combos, RWP, dialects=(Dialect.RWP,),
+         dialect_reason="register mode bit 3 is the 7.3 RWP API"),
+    Case("rwp-move-detach", rwp_move_detach, RWP | Needs(common=F.UFFD_FEATURE_MOVE),
+         ANON_ONLY, "MOVE is anonymous-only (memfd: detach-memfd-rwp)"),
     Case("wp-unregister", wp_unregister,
          Needs(common=F.UFFD_FEATURE_PAGEFAULT_FLAG_WP, memfd=F.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)),
     Case("detach-memfd-wp", detach_memfd_wp,

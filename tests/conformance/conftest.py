@@ -14,8 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-# cases.py and harness.py hold the asserts: have pytest explain them like test modules.
-pytest.register_assert_rewrite("tests.conformance.cases", "tests.conformance.harness")
+# cases*.py and harness.py hold the asserts: have pytest explain them like test modules.
+pytest.register_assert_rewrite("tests.conformance.cases", "tests.conformance.cases_rwp",
+                             "tests.conformance.harness")
 
 GUARD_S = float(os.environ.get("VMM_TIERD_CONFORMANCE_GUARD", "120"))
 

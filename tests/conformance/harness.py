@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import MappingProxyType
 
 import numpy as np
 import pytest
 
-from vmm_tierd.kernel import open_kernel, uapi
+from vmm_tierd.kernel import open_kernel, stamps, uapi
 from vmm_tierd.kernel.api import (
     Access,
     AccessKind,
@@ -159,7 +160,10 @@ class Ctx:
             self.close_uffd()  # wakes every fault still blocked on it
         except Exception as e:
             problems.append(f"uffd_close: {e!r}")
-        stuck = [a for a in self.accesses if a.wait(TIMEOUT).status is AccessStatus.PENDING]
+        deadline = time.monotonic() + TIMEOUT
+        stuck = [a for a in self.accesses
+                 if a.wait(max(deadline - time.monotonic(), 0.0)).status
+                 is AccessStatus.PENDING]
         if stuck:
             problems.append(f"{len(stuck)} accessor(s) still blocked after the uffd was closed")
         for h in self.helpers:
@@ -318,6 +322,44 @@ class Ctx:
         if done is not None:
             assert e.done == done, f"expected done={done}, got {e!r}"
         return e
+
+
+# ---- content and fault helpers shared by the cases ------------------------------------
+@lru_cache(maxsize=256)
+def data(page: int, version: int) -> bytes:
+    return stamps.page_bytes(page, version)
+
+
+def fill(ctx: Ctx, pages: range | list[int] | None = None, version: int = 1) -> None:
+    """Write known content through the accessor (before registration: never faults)."""
+    pages = range(ctx.npages) if pages is None else pages
+    acc = [(p, ctx.access(ctx.addr(p), AccessKind.WRITE, data(p, version))) for p in pages]
+    for p, a in acc:
+        r = ctx.wait_access(a)
+        assert r.status is AccessStatus.OK, f"fill page {p}: {r}"
+
+
+def check(ctx: Ctx, pages: range | list[int], version: int) -> None:
+    acc = [(p, ctx.access(ctx.addr(p), AccessKind.READ)) for p in pages]
+    for p, a in acc:
+        r = ctx.wait_access(a)
+        assert r.status is AccessStatus.OK, f"read page {p}: {r}"
+        assert r.data == data(p, version), f"page {p}: content is not version {version}"
+
+
+def fault_at(ctx: Ctx, page: int, *, rwp: bool = False, missing: bool = False,
+             minor: bool = False, write: bool | None = None) -> PageFault:
+    f = ctx.wait_fault()
+    assert f.address == ctx.addr(page), f"fault at 0x{f.address:x}, expected page {page}"
+    if rwp:
+        assert ctx.is_rwp_fault(f), f"expected an {ctx.dialect.value} tracking fault: {f}"
+    if missing:
+        assert f.missing, f"expected a MISSING fault: {f}"
+    if minor:
+        assert f.minor, f"expected a MINOR fault: {f}"
+    if write is not None:
+        assert f.write is write, f"expected WRITE={write}: {f}"
+    return f
 
 
 def skip_reason(case: Case, backend: str, mem: MemType, dialect: Dialect,

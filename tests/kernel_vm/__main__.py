@@ -3,7 +3,7 @@
 Obtains (and caches) Debian's newest Linux >= 7.3 kernel, builds a busybox initramfs with the
 9p/overlay modules, boots it under QEMU/TCG with the host's root shared read-only (writes go
 to a tmpfs overlay), runs the pytest selection as root in the guest, streams its output and
-exits with pytest's status. Without pytest args the selection is ``-m guest -q`` over the
+exits with pytest's status. Without pytest args the selection is ``-m guest -v`` over the
 files in which a host-side ``--collect-only -m guest`` finds tests (``tests/`` if that fails).
 
 Exit status: pytest's own, or 70 host prerequisites missing, 71 kernel could not be
@@ -25,7 +25,7 @@ from pathlib import Path
 from . import boot, fetch, initramfs
 
 PROJECT = Path(__file__).resolve().parents[2]
-DEFAULT_SELECTION = ["-m", "guest", "-q", "tests/"]
+DEFAULT_SELECTION = ["-m", "guest", "-v", "tests/"]
 EXIT_HOST, EXIT_KERNEL, EXIT_BOOT, EXIT_TESTS = 70, 71, 72, 73
 
 

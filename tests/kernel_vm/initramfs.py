@@ -166,6 +166,8 @@ cp /kvm-run.sh /tmp/kvm-run.sh || fail 'copy run script'
 chroot /newroot /bin/sh /tmp/kvm-run.sh </dev/null
 rc=$?
 {say("EXIT $rc")}
+echo "--- guest kernel log, warnings and worse (quiet hides them from the console) ---"
+dmesg -r | grep '^<[0-4]>' | tail -n 60
 sync
 poweroff -f
 sleep 30

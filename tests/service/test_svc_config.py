@@ -19,7 +19,7 @@ from vmm_tierd.service.config import (
     restart_required,
     with_overrides,
 )
-from vmm_tierd.service.units import parse_duration, parse_size
+from vmm_tierd.service.units import fmt_size, parse_duration, parse_size
 from vmm_tierd.settings import DaemonSettings, Settings, StoreSettings, TrackingSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,3 +202,8 @@ def test_overrides_and_restart_required(tmp_path: Path) -> None:
     assert restart_required(base, new) == ["daemon.metrics_listen", "region"]
     assert restart_required(base, base) == []
     assert isinstance(new, Settings)
+
+
+def test_fmt_size_rounds_into_the_next_unit() -> None:
+    assert [fmt_size(n) for n in (0, 1023, 1024, 16384, (1 << 30) - 16384, 3 << 29)] == [
+        "0 B", "1023 B", "1.0 KiB", "16.0 KiB", "1.0 GiB", "1.5 GiB"]

@@ -64,7 +64,11 @@ class RegionRunner:
     async def run(self, deadline: list[float], *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         core = self.core
-        core.setup(self.granted)
+        try:
+            core.setup(self.granted)
+        except BaseException:
+            core.teardown(True, True)  # nothing can be blocked on it yet: safe to close
+            raise
         try:
             async with trio.open_nursery() as n:
                 await n.start(self.faults.serve)

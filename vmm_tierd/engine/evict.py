@@ -90,7 +90,7 @@ class Evictor:
                 if tr.holds:
                     # Clear RWP on the victims first: the moved PTE must not carry a
                     # protection the staging range isn't registered for.
-                    tr.unprotect(core.base + first * ps, count * ps, False)
+                    self._unprotect_run(first, count)
                 off = 0
                 while off < count:
                     n = count - off
@@ -111,6 +111,8 @@ class Evictor:
                         moved.append(np.arange(first + off, first + off + got, dtype=np.uint64))
                     slot += got
                     off += got + skip
+        except KernelError as e:  # stop detaching; what was moved goes on below
+            core.kerr(e, "detaching victims")
         finally:
             if tr.holds:
                 try:
@@ -120,16 +122,23 @@ class Evictor:
         if not slot:
             return 0
         pages = np.concatenate(moved)
-        # Staging pages are present and registered MISSING only: reading them can't fault.
-        data = k.read_unregistered(staging, slot * ps)
         batch = Batch(pages, staging, np.zeros(slot, dtype=bool))
         core.inflight.update(zip(pages.tolist(), ((batch, i) for i in range(slot)), strict=True))
+        try:
+            # Staging pages are present and registered MISSING only: reading can't fault.
+            data = k.read_unregistered(staging, slot * ps)
+        except KernelError as e:
+            core.kerr(e, "reading staging")
+            self._rollback_anon(batch)
+            self.staging_dirty = True
+            return 0
         t = self._add(phases, "detach", t)
         try:
             zero = await trio.to_thread.run_sync(self._put, pages, data)
         except Exception as e:
             self._store_failed(e, len(pages))
             self._rollback_anon(batch)
+            self.staging_dirty = True
             return 0
         t = self._add(phases, "store", t)
         n = self._committed(batch, zero)
@@ -137,6 +146,23 @@ class Evictor:
         self._clean_staging()
         self._add(phases, "drop", t)
         return n
+
+    def _unprotect_run(self, first: int, count: int) -> None:
+        core = self.core
+        tr = core.tracker
+        assert tr is not None
+        try:
+            tr.unprotect(core.base + first * core.ps, count * core.ps, False)
+            return
+        except KernelError:
+            pass
+        # Some page of the run was touched meanwhile (accessible again: CONTINUE refuses it
+        # with EFAULT/EEXIST) or discarded (a hole): page by page, errors don't matter.
+        for p in range(first, first + count):
+            try:
+                tr.unprotect(core.base + p * core.ps, core.ps, False)
+            except KernelError:
+                pass
 
     def _clean_staging(self) -> bool:
         """Drop what staging holds once no page in it is in flight (committed ones only)."""
@@ -197,8 +223,15 @@ class Evictor:
                     core.kerr(e, "MADV_DONTNEED of victims")
                     self._drop_batch(batch)
                     return 0
-            data = b"".join(k.pread(reg.fd, reg.offset + first * ps, count * ps)
-                            for first, count, _ in rr)
+            try:
+                data = b"".join(k.pread(reg.fd, reg.offset + first * ps, count * ps)
+                                for first, count, _ in rr)
+            except KernelError as e:
+                core.kerr(e, "pread of victims")
+                self._drop_batch(batch)
+                if not held:
+                    self._remap(batch.pages[~batch.reclaimed])
+                return 0
             t = self._add(phases, "detach", t)
             try:
                 zero = await trio.to_thread.run_sync(self._put, victims, data)

@@ -13,7 +13,6 @@ import logging
 import time
 from collections import deque
 
-import numpy as np
 import trio
 
 from ..kernel.api import KernelError, PageFault, RemoveEvent, UffdEvent, UnmapEvent

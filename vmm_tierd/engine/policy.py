@@ -57,9 +57,15 @@ class PagePolicy:
         hi = -((base - r[:, 1].astype(np.int64)) // page_size)  # ceil
         lo, hi = np.clip(lo, 0, npages), np.clip(hi, 0, npages)
         keep = hi > lo
-        edges = np.bincount(lo[keep], minlength=npages + 1).astype(np.int32)
-        edges -= np.bincount(hi[keep], minlength=npages + 1).astype(np.int32)
-        return np.cumsum(edges[:-1], dtype=np.int32) > 0
+        lo, hi = lo[keep], hi[keep]
+        if len(lo) < 2 or bool(np.all(lo[1:] >= hi[:-1])):  # sorted, disjoint: as returned
+            edges = np.zeros(npages + 1, dtype=np.int8)
+            edges[lo] = 1
+            edges[hi] -= 1  # a range may start where the previous one ends
+            return np.cumsum(edges[:-1], dtype=np.int8).view(bool)
+        edges32 = np.bincount(lo, minlength=npages + 1).astype(np.int32)
+        edges32 -= np.bincount(hi, minlength=npages + 1).astype(np.int32)
+        return np.cumsum(edges32[:-1], dtype=np.int32) > 0
 
     def observe(self, cold: np.ndarray) -> None:
         """One interval's tracking result (True = not accessed). Resident cold pages age by

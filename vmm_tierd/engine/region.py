@@ -177,7 +177,9 @@ class RegionCore:
         last = min(self.npages, (end - self.base + self.ps - 1) // self.ps)
         if first >= last:
             return
-        for p in range(first, last):
+        hit = ([p for p in self.inflight if first <= p < last]
+               if len(self.inflight) < last - first else range(first, last))
+        for p in hit:
             ent = self.inflight.pop(p, None)
             if ent is not None:
                 batch, i = ent

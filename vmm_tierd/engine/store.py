@@ -22,7 +22,6 @@ import numpy as np
 import zstandard
 
 from .store_format import (
-    COUNT,
     IDX,
     KEY,
     KIND_RAW,
@@ -30,12 +29,10 @@ from .store_format import (
     KIND_ZSTD,
     MAX_PAGE,
     PAGE,
-    RAW_THRESHOLD,
     REGION_ID,
     SEGKEY,
     SYNC_MODES,
     ZERO_CRC,
-    ZERO_IDX,
     Counters,
     Delta,
     PutResult,
@@ -44,11 +41,10 @@ from .store_format import (
     StoreFullError,
     StoreStats,
     crc32,
-    encode_segment,
     owner_key,
     region_key,
 )
-from .store_log import Seg, SegmentLog, Txn
+from .store_log import SegmentLog, Txn, pack_pages
 
 T = TypeVar("T")
 
@@ -60,7 +56,7 @@ class PageStore:
     def __init__(self, path: Path, *, map_size: int = 8 << 30, zstd_level: int = 1,
                  sync: str = "commit", instance_id: str | None = None,
                  segment_pages: int = 32, compact_below: float = 0.5,
-                 compact_in_put: int = 2) -> None:
+                 gc_dead: float = 0.1, compact_in_put: float = 2.0) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"store sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
         self.path = Path(path).expanduser()
@@ -102,7 +98,7 @@ class PageStore:
         self._meta, self._idx, self._seg = dbs["meta"], dbs["index"], dbs["seg"]
         psize = self._env.stat()["psize"]
         # a value of V bytes takes ceil((V + 16) / psize) overflow pages (16 = page header)
-        self._log = SegmentLog(dbs, segment_pages * psize - 16, compact_below)
+        self._log = SegmentLog(dbs, segment_pages * psize - 16, compact_below, gc_dead)
         self._data_file = self.path / "data.mdb"
         self._regions: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -163,7 +159,10 @@ class PageStore:
         return before - self._log.counters.records
 
     # ---- the write path --------------------------------------------------------------
-    def _write(self, what: str, fn: Callable[[Txn, Delta], T]) -> T:
+    def _write(self, what: str, fn: Callable[[Txn, Delta], T], bump: bool = False) -> T:
+        """Run ``fn`` in one write txn. ``bump``: if it freed segments, commit one more tiny
+        txn: LMDB reuses pages freed by txn N only from txn N+2 on (N+1 must still be able
+        to open the snapshot of N-1), so without it the next put would grow the file."""
         with self._wlock:
             if self._closed:
                 raise StoreError(f"{self.path}: store is closed")
@@ -179,6 +178,12 @@ class PageStore:
             except lmdb.Error as e:
                 raise self._write_error(what, e) from e
             self._log.apply(delta)
+            if bump and None in delta.segs.values():
+                try:
+                    with self._env.begin(write=True) as txn:
+                        txn.put(b"counters", self._log.counters.pack(), db=self._meta)
+                except lmdb.Error:
+                    pass  # only an optimisation; the data txn above is committed
             return result
 
     def _write_error(self, what: str, e: lmdb.Error) -> StoreError:
@@ -238,8 +243,8 @@ class PageStore:
         n = len(idx)
         if mv.nbytes != n * PAGE:
             raise ValueError(f"put_batch: {n} pages need {n * PAGE} bytes, got {mv.nbytes}")
-        if region not in self._names:
-            raise ValueError(f"put_batch: unknown region id {region}")
+        if self._owners.get(region) != self.instance_id:
+            raise ValueError(f"put_batch: region id {region} not claimed with region_id()")
         if n == 0:
             return PutResult(0, 0, 0, 0)
         order = np.argsort(idx, kind="stable")
@@ -248,51 +253,26 @@ class PageStore:
             raise ValueError("put_batch: duplicate page indexes in one batch")
         nonzero = np.frombuffer(mv, dtype=np.uint64).reshape(n, PAGE // 8).any(axis=1)
         nz = cast(list[bool], nonzero.tolist())
-        segs, items, counts = self._pack(region, mv, order, srt, nz)
+        segs, items, counts = pack_pages(self._compressor(), self._log, region, mv,
+                                         order, srt, nz)
+
+        gc = self.compact_in_put > 0
 
         def put(txn: Txn, d: Delta) -> None:
             self._log.put(txn, d, segs, items, counts)
-            if self.compact_in_put:
-                self._log.compact(txn, d, self.compact_in_put)
+            if gc:  # rewrite up to compact_in_put x this batch's bytes of sparse segments
+                self._log.compact(txn, d, live_budget=int(self.compact_in_put *
+                                                          (counts.compressed + 1)))
 
-        self._write(f"put_batch({self.region_name(region)}, {n} pages)", put)
+        what = f"put_batch({self.region_name(region)}, {n} pages)"
+        try:
+            self._write(what, put)
+        except StoreFullError:
+            if not gc:
+                raise
+            gc = False  # the GC rewrite made the txn bigger: once more without it
+            self._write(what, put)
         return PutResult(n, counts.zero, counts.raw, counts.compressed)
-
-    def _pack(self, region: int, mv: memoryview, order: np.ndarray, srt: np.ndarray,
-              nz: list[bool]) -> tuple[list[Seg], list[tuple[bytes, bytes]], Counters]:
-        """Compress and crc the pages into segments (outside the write lock)."""
-        compress = self._compressor().compress
-        pack, ipack, ksize = KEY.pack, IDX.pack, KEY.size
-        limit = self._log.segment_bytes - COUNT.size
-        items: list[tuple[bytes, bytes]] = []
-        segs: list[Seg] = []
-        payloads: list[bytes] = []
-        keys: list[bytes] = []
-        sid, size, raw, zero = self._log.new_id(), 0, 0, 0
-        total = 0
-        for j, page in zip(order.tolist(), srt.tolist(), strict=True):
-            key = pack(region, page)
-            if not nz[j]:
-                items.append((key, ZERO_IDX))
-                zero += 1
-                continue
-            p = mv[j * PAGE:(j + 1) * PAGE]
-            c = compress(p)
-            ln, kind = len(c), KIND_ZSTD
-            if ln >= RAW_THRESHOLD:
-                c, ln, kind, raw = bytes(p), PAGE, KIND_RAW, raw + 1
-            if size + ln + ksize * (len(keys) + 1) > limit and keys:
-                segs.append((sid, encode_segment(payloads, keys), size))
-                total += size
-                sid, size, payloads, keys = self._log.new_id(), 0, [], []
-            items.append((key, ipack(sid, size, ln, crc32(p), kind)))
-            payloads.append(c)
-            keys.append(key)
-            size += ln
-        if keys:
-            segs.append((sid, encode_segment(payloads, keys), size))
-            total += size
-        return segs, items, Counters(len(items), zero, raw, total)
 
     def get(self, region: int, page: int) -> bytes | None:
         key = KEY.pack(region, page)
@@ -333,13 +313,14 @@ class PageStore:
         if not keys:
             return 0
         return self._write(f"delete({self.region_name(region)}, {len(keys)} pages)",
-                           lambda txn, d: self._log.delete(txn, d, keys))
+                           lambda txn, d: self._log.delete(txn, d, keys), bump=True)
 
     def delete_range(self, region: int, first: int, end: int) -> int:
         if end <= first:
             return 0
         return self._write(f"delete_range({self.region_name(region)})",
-                           lambda txn, d: self._log.delete_range(txn, d, region, first, end))
+                           lambda txn, d: self._log.delete_range(txn, d, region, first, end),
+                           bump=True)
 
     def pages(self, region: int) -> np.ndarray:
         """Page indexes with a record in ``region`` (sorted uint64)."""
@@ -356,9 +337,10 @@ class PageStore:
 
     def compact(self, max_segments: int = 8) -> int:
         """Rewrite the live records of up to ``max_segments`` sparse segments; how many."""
-        if not self._log.sparse:
+        if not self._log.needs_gc():
             return 0
-        return self._write("compact", lambda txn, d: self._log.compact(txn, d, max_segments))
+        return self._write("compact", lambda txn, d: self._log.compact(txn, d, max_segments),
+                           bump=True)
 
     def sync(self) -> None:
         with self._wlock:
@@ -372,8 +354,14 @@ class PageStore:
             disk, size = st.st_blocks * 512, st.st_size
         except OSError:
             disk = size = 0
+        used = 0
+        if not self._closed:
+            with self._env.begin() as txn:  # pages in use by the trees: the file minus free
+                for db in (self._meta, self._idx, self._seg, self._log.segmeta):
+                    t = txn.stat(db)
+                    used += t["branch_pages"] + t["leaf_pages"] + t["overflow_pages"]
         return StoreStats(c.records, c.zero, c.raw, c.compressed, disk, c.records * PAGE,
-                          len(self._log.segs), self._log.dead, size)
+                          len(self._log.segs), self._log.dead, size, used * PAGE)
 
     def scan_stats(self) -> StoreStats:
         """Counters recomputed by a full index scan (slow; for checks)."""
@@ -384,7 +372,8 @@ class PageStore:
                 c.add(kind, ln, 1)
         s = self.stats()
         return StoreStats(c.records, c.zero, c.raw, c.compressed, s.disk_bytes,
-                          c.records * PAGE, s.segments, s.dead_bytes, s.file_bytes)
+                          c.records * PAGE, s.segments, s.dead_bytes, s.file_bytes,
+                          s.used_bytes)
 
     def corrupt_for_test(self, region: int, page: int) -> None:
         key = KEY.pack(region, page)

@@ -78,6 +78,7 @@ class StoreStats:
     segments: int = 0
     dead_bytes: int = 0  # payload bytes of deleted records not yet compacted away
     file_bytes: int = 0  # apparent size of the LMDB data file
+    used_bytes: int = 0  # LMDB pages in use (the rest of the file is LMDB's free list)
 
 
 @dataclass

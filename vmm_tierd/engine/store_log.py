@@ -7,15 +7,25 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+import numpy as np
+import zstandard
+
 from .store_format import (
+    COUNT,
     IDX,
     KEY,
+    KIND_RAW,
     KIND_ZERO,
+    KIND_ZSTD,
     MAX_PAGE,
+    PAGE,
+    RAW_THRESHOLD,
     SEGKEY,
     SEGMETA,
+    ZERO_IDX,
     Counters,
     Delta,
+    crc32,
     encode_segment,
     segment_keys,
 )
@@ -28,15 +38,27 @@ Rec = tuple[bytes, int, int, bytes]  # index key, kind, crc32, payload (b"" for 
 Seg = tuple[int, bytes, int]  # segment id, encoded value, payload bytes
 
 
+NBUCKETS = 16
+
+
+def _bucket(seg: tuple[int, int]) -> int:
+    return min(NBUCKETS - 1, seg[0] * NBUCKETS // max(seg[1], 1))
+
+
 class SegmentLog:
-    def __init__(self, dbs: dict[str, Any], segment_bytes: int, compact_below: float) -> None:
+    """Segments are garbage-collected sparsest first: always those below ``compact_below``
+    live, and while dead bytes exceed ``gc_dead`` of the live ones, any with >5% dead."""
+
+    def __init__(self, dbs: dict[str, Any], segment_bytes: int, compact_below: float,
+                 gc_dead: float = 0.1) -> None:
         self.meta, self.idx, self.seg, self.segmeta = (
             dbs["meta"], dbs["index"], dbs["seg"], dbs["segmeta"])
         self.segment_bytes = segment_bytes
         self.compact_below = compact_below
+        self.gc_dead = gc_dead
         self.counters = Counters()
         self.segs: dict[int, tuple[int, int]] = {}
-        self.sparse: set[int] = set()
+        self.buckets: list[set[int]] = [set() for _ in range(NBUCKETS)]  # by live fraction
         self.dead = 0
         self._ids = itertools.count(1)
 
@@ -53,11 +75,21 @@ class SegmentLog:
             self.segs[SEGKEY.unpack(k)[0]] = (live, total)
         cur = txn.cursor(db=self.seg)
         self._ids = itertools.count(SEGKEY.unpack(cur.key())[0] + 1 if cur.last() else 1)
-        self.sparse = {s for s, v in self.segs.items() if self.is_sparse(v)}
+        for b in self.buckets:
+            b.clear()
+        for sid, seg in self.segs.items():
+            self.buckets[_bucket(seg)].add(sid)
         self.dead = sum(total - live for live, total in self.segs.values())
 
-    def is_sparse(self, seg: tuple[int, int] | None) -> bool:
-        return seg is not None and seg[0] < self.compact_below * seg[1]
+    def gc_below(self) -> float:
+        """Live fraction under which a segment is worth rewriting now."""
+        if self.dead > self.gc_dead * max(1, self.counters.compressed):
+            return 0.95
+        return self.compact_below
+
+    def needs_gc(self) -> bool:
+        top = int(self.gc_below() * NBUCKETS)
+        return any(self.buckets[b] for b in range(min(top + 1, NBUCKETS)))
 
     def delta(self) -> Delta:
         c = self.counters
@@ -80,17 +112,17 @@ class SegmentLog:
             old = self.segs.pop(sid, None)
             if old is not None:
                 self.dead -= old[1] - old[0]
-            self.sparse.discard(sid)
+                self.buckets[_bucket(old)].discard(sid)
             if v is not None:
                 self.segs[sid] = v
                 self.dead += v[1] - v[0]
-                if self.is_sparse(v):
-                    self.sparse.add(sid)
+                self.buckets[_bucket(v)].add(sid)
 
     def reset(self) -> None:
         self.counters = Counters()
         self.segs.clear()
-        self.sparse.clear()
+        for b in self.buckets:
+            b.clear()
         self.dead = 0
 
     def write_segments(self, txn: Txn, d: Delta, recs: list[Rec],
@@ -179,12 +211,29 @@ class SegmentLog:
             cur.delete()  # moves to the next record (key() is b"" past the end)
         return n
 
-    def compact(self, txn: Txn, d: Delta, max_segments: int) -> int:
-        """Rewrite the live records of the sparsest segments into new ones."""
-        cands = [s for s in self.sparse | set(d.segs) if self.is_sparse(d.seg(s, self.segs))]
-        cands.sort(key=lambda s: _fraction(d.seg(s, self.segs)))
+    def compact(self, txn: Txn, d: Delta, max_segments: int = 1 << 30,
+                live_budget: int = 1 << 62) -> int:
+        """Rewrite the live records of the sparsest segments (below ``gc_below``) into
+        new ones: at most ``max_segments`` and about ``live_budget`` live bytes."""
+        below = self.gc_below()
+        pool: set[int] = set(d.segs)  # touched in this txn: their buckets are stale
+        for b in range(min(int(below * NBUCKETS) + 1, NBUCKETS)):
+            pool |= self.buckets[b]
+        cands = []
+        for sid in pool:
+            seg = d.seg(sid, self.segs)
+            if seg is not None and seg[0] < below * seg[1]:
+                cands.append((seg[0] / max(1, seg[1]), sid, seg[0]))
+        cands.sort()
+        chosen: list[int] = []
+        live = 0
+        for _, sid, ln in cands[:max_segments]:
+            if chosen and live + ln > live_budget:
+                break
+            chosen.append(sid)
+            live += ln
         recs: list[Rec] = []
-        for sid in cands[:max_segments]:
+        for sid in chosen:
             val = txn.get(SEGKEY.pack(sid), db=self.seg)
             d.segs[sid] = None
             if val is None:
@@ -199,8 +248,42 @@ class SegmentLog:
         recs.sort(key=lambda r: r[0])
         for k, v in self.write_segments(txn, d, recs, count=False):
             txn.put(k, v, db=self.idx)
-        return min(len(cands), max_segments)
+        return len(chosen)
 
 
-def _fraction(seg: tuple[int, int] | None) -> float:
-    return seg[0] / max(1, seg[1]) if seg else 0.0
+def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
+               mv: memoryview, order: np.ndarray, srt: np.ndarray, nz: list[bool]
+               ) -> tuple[list[Seg], list[tuple[bytes, bytes]], Counters]:
+    """Compress and crc pages (``mv`` page ``order[i]`` is page index ``srt[i]``, sorted)
+    into new segments, outside the write lock. Returns segments, index items, counts."""
+    compress = cctx.compress
+    pack, ipack, ksize = KEY.pack, IDX.pack, KEY.size
+    limit = log.segment_bytes - COUNT.size
+    items: list[tuple[bytes, bytes]] = []
+    segs: list[Seg] = []
+    payloads: list[bytes] = []
+    keys: list[bytes] = []
+    sid, size, raw, zero, total = log.new_id(), 0, 0, 0, 0
+    for j, page in zip(order.tolist(), srt.tolist(), strict=True):
+        key = pack(region, page)
+        if not nz[j]:
+            items.append((key, ZERO_IDX))
+            zero += 1
+            continue
+        p = mv[j * PAGE:(j + 1) * PAGE]
+        c = compress(p)
+        ln, kind = len(c), KIND_ZSTD
+        if ln >= RAW_THRESHOLD:
+            c, ln, kind, raw = bytes(p), PAGE, KIND_RAW, raw + 1
+        if size + ln + ksize * (len(keys) + 1) > limit and keys:
+            segs.append((sid, encode_segment(payloads, keys), size))
+            total += size
+            sid, size, payloads, keys = log.new_id(), 0, [], []
+        items.append((key, ipack(sid, size, ln, crc32(p), kind)))
+        payloads.append(c)
+        keys.append(key)
+        size += ln
+    if keys:
+        segs.append((sid, encode_segment(payloads, keys), size))
+        total += size
+    return segs, items, Counters(len(items), zero, raw, total)

@@ -124,9 +124,9 @@ class RwpTracker(Tracker):
         if not self.rfc:
             accessed = self._mask(category_mask=uapi.PAGE_IS_ACCESSED,
                                   return_mask=uapi.PAGE_IS_ACCESSED)
-            if self.memfd:
-                # RWP on shmem may zap the PTE; absent pages are sorted out by engine state.
-                return ~accessed
+            # Only a mapped (present) page is protected. On memfd a page that is cached but
+            # unmapped would be mapped by an access without any uffd fault (no MINOR
+            # registration here), even in sync mode: it must never be a victim.
             present = self._mask(category_mask=uapi.PAGE_IS_PRESENT,
                                  return_mask=uapi.PAGE_IS_PRESENT)
             return present & ~accessed

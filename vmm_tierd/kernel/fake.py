@@ -8,6 +8,17 @@ real eventfds, readable iff a message is pending, so trio's ``wait_readable`` wo
 Modules: fake_state (address space, contexts), fake_uffd (API/register/read/events),
 fake_ops (page ioctls), fake_scan (PAGEMAP_SCAN), fake_guest (vCPUs and workloads).
 
+Semantics checked against the real 6.18 kernel (tests/test_fake_vs_linux.py), notably:
+- a partial COPY/ZEROPAGE/CONTINUE/POISON/MOVE reports the bytes done and fails EAGAIN;
+  the op's own errno (EEXIST, ENOENT, ...) only comes when nothing was done;
+- every page op fails EAGAIN while a REMOVE/UNMAP event is unread, and the madvise/munmap
+  that raised it blocks until the event is read (so never call it from the thread that
+  reads the uffd when EVENT_REMOVE/EVENT_UNMAP is on);
+- UNREGISTER unprotects, but wakes blocked faults only on MISSING-registered ranges;
+  close wakes everything;
+- PAGEMAP_SCAN: see fake_scan. PAGE_IS_ACCESSED (RWP dialect) is "present and no uffd
+  bit" inside RWP VMAs, so a page never protected, or freshly COPY'd, reads as accessed.
+
 Test hooks: ``inject(op, errno, count, after)`` fails the named op (the same op names
 ``KernelError.op`` carries, e.g. "UFFDIO_COPY", "madvise", "PAGEMAP_SCAN");
 ``calls[op]`` counts calls.

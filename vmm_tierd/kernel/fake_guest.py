@@ -18,7 +18,6 @@ from .api import (
     AccessKind,
     AccessResult,
     AccessStatus,
-    KernelError,
     PageFault,
     Pattern,
     Region,
@@ -397,6 +396,3 @@ def _stamp_of(c: Content | None) -> tuple[int, int]:
         return c
     head = np.frombuffer(c[:16], dtype="<u8")
     return int(head[0]) - 1, int(head[1])
-
-
-__all__ = ["EFAULT", "OK", "SIGBUS", "FakeAccess", "FakeWorkload", "GuestMixin", "KernelError"]

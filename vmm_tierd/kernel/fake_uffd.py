@@ -177,10 +177,9 @@ class UffdMixin(FakeState):
                     if s.ctx is not u:
                         continue
                     self._unprotect(m, a, b, s.mode)
-                    if s.mode & (MODE_MISSING | MODE_MINOR | MODE_RWP):
-                        # MISSING/MINOR VMAs wake their blocked faults; a fault blocked on
-                        # a WP-only VMA stays blocked until WAKE/close (measured on 6.18).
-                        # RWP (the RFC's MINOR) is assumed to wake like MINOR.
+                    if s.mode & MODE_MISSING:
+                        # Only MISSING VMAs wake their blocked faults; one blocked on a
+                        # WP/MINOR(/RWP) VMA stays blocked until WAKE or close (6.18).
                         self.wake_range(u, m.addr + a * PAGE, (b - a) * PAGE)
                     m.set_reg(a, b, None, 0)
 

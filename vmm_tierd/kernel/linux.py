@@ -75,7 +75,7 @@ class LinuxKernel:
 
     name = "linux"
 
-    def __init__(self, *, scan_vec_len: int = 8192) -> None:
+    def __init__(self, *, scan_vec_len: int = 65536) -> None:
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self._scan_vec_len = scan_vec_len
         self._scan_vec = ffi.new("struct page_region[]", scan_vec_len)
@@ -367,19 +367,16 @@ class LinuxKernel:
 
 
 def _merge(parts: list[np.ndarray]) -> np.ndarray:
-    """Concatenate per-call results, re-merging a region the call boundary split."""
+    """Concatenate per-call results, re-merging a region a call boundary split (within
+    one call the kernel already merges adjacent pages with equal categories)."""
     if not parts:
         return np.empty((0, 3), dtype=np.uint64)
-    if len(parts) == 1:
-        return parts[0]
-    regions = np.concatenate(parts)
-    split = (regions[1:, 0] == regions[:-1, 1]) & (regions[1:, 2] == regions[:-1, 2])
-    if not split.any():
-        return regions
-    keep = np.ones(len(regions), dtype=bool)
-    keep[1:] = ~split
-    starts = np.flatnonzero(keep)
-    ends = np.append(starts[1:], len(regions)) - 1
-    out = regions[starts].copy()
-    out[:, 1] = regions[ends, 1]
-    return out
+    out = [parts[0]]
+    for cur in parts[1:]:
+        prev = out[-1]
+        if prev[-1, 1] == cur[0, 0] and prev[-1, 2] == cur[0, 2]:
+            prev[-1, 1] = cur[0, 1]
+            cur = cur[1:]
+        if len(cur):
+            out.append(cur)
+    return out[0] if len(out) == 1 else np.concatenate(out)

@@ -188,6 +188,8 @@ class LinuxWorkload:
     def verify(self) -> VerifyReport:
         """Read every page in C (GIL released) and check it against the last written
         version. Blocks until evicted pages are faulted back in; call it after stop()."""
+        if not self._stopped:
+            raise RuntimeError("verify: stop() the workload first (its threads still write)")
         r = ffi.new("vg_verify_report *")
         lib.vg_workload_verify(self._h, VERIFY_THREADS, r)
         return VerifyReport(pages=int(r.pages), lost_writes=int(r.lost_writes),

@@ -25,7 +25,7 @@ _IOC_SIZESHIFT = 16
 _IOC_DIRSHIFT = 30
 
 
-def _IOC(direction: int, typ: int, nr: int, size: int) -> int:  # noqa: N802 - kernel name
+def _IOC(direction: int, typ: int, nr: int, size: int) -> int:
     return (
         (direction << _IOC_DIRSHIFT)
         | (typ << _IOC_TYPESHIFT)
@@ -34,19 +34,19 @@ def _IOC(direction: int, typ: int, nr: int, size: int) -> int:  # noqa: N802 - k
     )
 
 
-def _IO(typ: int, nr: int) -> int:  # noqa: N802
+def _IO(typ: int, nr: int) -> int:
     return _IOC(IOC_NONE, typ, nr, 0)
 
 
-def _IOR(typ: int, nr: int, size: int) -> int:  # noqa: N802
+def _IOR(typ: int, nr: int, size: int) -> int:
     return _IOC(IOC_READ, typ, nr, size)
 
 
-def _IOW(typ: int, nr: int, size: int) -> int:  # noqa: N802
+def _IOW(typ: int, nr: int, size: int) -> int:
     return _IOC(IOC_WRITE, typ, nr, size)
 
 
-def _IOWR(typ: int, nr: int, size: int) -> int:  # noqa: N802
+def _IOWR(typ: int, nr: int, size: int) -> int:
     return _IOC(IOC_READ | IOC_WRITE, typ, nr, size)
 
 

@@ -92,7 +92,7 @@ class Service:
                 return 1
             self.engine = engine
             registry.register(StateCollector(
-                region_stats=engine.region_stats, store_stats=store.stats,
+                region_stats=self._region_stats, store_stats=store.stats,
                 interval=lambda: self.settings.tracking.interval_s, capabilities=caps,
                 strategy=engine.strategy.value, store_reclaimed=getattr(store, "reclaimed", 0)))
             try:
@@ -228,6 +228,15 @@ class Service:
                      fmt_duration(old.tracking.interval_s),
                      fmt_duration(new.tracking.interval_s))
         self.notifier.ready(self._status_text())
+
+    def _region_stats(self) -> list[Any]:
+        """For scrapes (HTTP thread): snapshot on the trio thread, which owns the engine's
+        counters, so resident + evicted always add up."""
+        try:
+            return list(trio.from_thread.run_sync(self.engine.region_stats,
+                                                  trio_token=self._token))
+        except (trio.RunFinishedError, RuntimeError):  # not running (yet, or any more)
+            return list(self.engine.region_stats())
 
     # ---- per-cycle report
     def _cycle_seen(self, region: str, total_s: float) -> None:

@@ -53,7 +53,7 @@ def parse_duration(value: object) -> float:
 def fmt_size(n: float) -> str:
     """Human-readable binary size: ``fmt_size(3 << 29) == "1.5 GiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+        if round(abs(n), 1) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
