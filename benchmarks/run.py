@@ -25,6 +25,8 @@ BENCHMARKS: list[str] = [
     "bench_store:bench_eviction",
     "bench_store:bench_get",
     "bench_store:bench_policy",
+    "bench_faults:bench_faults",
+    "bench_cycle:bench_cycle",
 ]
 
 Figure = dict[str, Any]

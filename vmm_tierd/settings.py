@@ -29,7 +29,7 @@ class StoreSettings:
                        .expanduser())
     map_size_bytes: int = 8 << 30
     zstd_level: int = 1
-    sync: str = "commit"  # "commit" (fsync each txn), "periodic" (metasync off), "none"
+    sync: str = "none"  # "commit" (fsync each txn), "periodic" (metasync off), "none"
 
 
 @dataclass(frozen=True, slots=True)

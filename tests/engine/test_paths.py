@@ -110,7 +110,8 @@ def test_kernel_errors_in_a_cycle_lose_nothing(op: str, memtype: str) -> None:
             h.kernel.inject(op, errno.EIO, count=1)  # type: ignore[attr-defined]
             await h.wait_for(lambda: consumed(h.kernel, op))
             await h.wait_evicted(PAGES)  # later cycles get there
-            assert h.core.c.errors >= 1
+            # A failed RWPROTECT(clear) before a MOVE is retried page by page, silently.
+            assert h.core.c.errors >= 1 or op == "UFFDIO_RWPROTECT"
             for p in PAGES:
                 r = await h.access(p, AccessKind.READ)
                 assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p

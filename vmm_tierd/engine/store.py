@@ -44,7 +44,7 @@ from .store_format import (
     owner_key,
     region_key,
 )
-from .store_log import SegmentLog, Txn, pack_pages
+from .store_log import SegmentLog, Txn, pack_pages, write_error
 
 T = TypeVar("T")
 
@@ -176,7 +176,7 @@ class PageStore:
                     f"{self.path}: LMDB map full during {what}, nothing of it was written; "
                     f"raise store map_size_bytes (now {self.map_size})") from e
             except lmdb.Error as e:
-                raise self._write_error(what, e) from e
+                raise write_error(self.path, what, e) from e
             self._log.apply(delta)
             if bump and None in delta.segs.values():
                 try:
@@ -185,20 +185,6 @@ class PageStore:
                 except lmdb.Error:
                     pass  # only an optimisation; the data txn above is committed
             return result
-
-    def _write_error(self, what: str, e: lmdb.Error) -> StoreError:
-        try:
-            vfs = os.statvfs(self.path)
-            free = vfs.f_bavail * vfs.f_frsize
-        except OSError:
-            free = -1
-        # LMDB reports a short write (what ENOSPC becomes in mdb_page_flush) as EIO
-        full = (isinstance(e, lmdb.DiskError) or "No space" in str(e)
-                or ("Input/output" in str(e) and 0 <= free < 64 << 20))
-        if full:
-            return StoreFullError(f"{self.path}: {what} failed, nothing of it was written: {e}"
-                                  f"; the disk is full ({free} bytes free): free disk space")
-        return StoreError(f"{self.path}: {what} failed, nothing of it was written: {e}")
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "cctx", None)
@@ -277,36 +263,41 @@ class PageStore:
     def get(self, region: int, page: int) -> bytes | None:
         key = KEY.pack(region, page)
         try:
-            with self._env.begin(buffers=True) as txn:
+            txn = self._env.begin(buffers=True)  # abort() is cheaper than a with-exit
+            try:
                 iv = txn.get(key, db=self._idx)
                 if iv is None:
                     raise KeyError((region, page))
                 sid, off, ln, crc, kind = IDX.unpack(iv)
                 if kind == KIND_ZERO:
                     if crc != ZERO_CRC:
-                        raise RecordError(self.region_name(region), page, "checksum mismatch")
+                        raise self._bad(region, page, "checksum mismatch")
                     return None
                 sv = txn.get(SEGKEY.pack(sid), db=self._seg)
                 if sv is None or off + ln > len(sv):
-                    raise RecordError(self.region_name(region), page, f"segment {sid} missing")
+                    raise self._bad(region, page, f"segment {sid} missing")
                 if kind == KIND_ZSTD:
                     try:
                         out = self._decompressor().decompress(sv[off:off + ln],
                                                               max_output_size=PAGE)
                     except zstandard.ZstdError as e:
-                        raise RecordError(self.region_name(region), page,
-                                          f"decompress failed: {e}") from e
+                        raise self._bad(region, page, f"decompress failed: {e}") from e
                 elif kind == KIND_RAW:
                     out = bytes(sv[off:off + ln])
                 else:
-                    raise RecordError(self.region_name(region), page, f"unknown kind {kind}")
+                    raise self._bad(region, page, f"unknown record kind {kind}")
+            finally:
+                txn.abort()
         except lmdb.Error as e:
-            raise RecordError(self.region_name(region), page, f"lmdb: {e}") from e
+            raise self._bad(region, page, f"lmdb: {e}") from e
         if len(out) != PAGE:
-            raise RecordError(self.region_name(region), page, f"{len(out)} bytes, not {PAGE}")
+            raise self._bad(region, page, f"{len(out)} bytes, not {PAGE}")
         if crc32(out) != crc:
-            raise RecordError(self.region_name(region), page, "checksum mismatch")
+            raise self._bad(region, page, "checksum mismatch")
         return out
+
+    def _bad(self, region: int, page: int, reason: str) -> RecordError:
+        return RecordError(self.region_name(region), page, reason)
 
     def delete(self, region: int, pages: np.ndarray) -> int:
         keys = [KEY.pack(region, p) for p in np.unique(np.asarray(pages, np.uint64)).tolist()]

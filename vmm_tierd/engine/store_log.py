@@ -5,8 +5,11 @@ memory only after commit)."""
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, TypeAlias
+import os
+from pathlib import Path
+from typing import Any, TypeAlias
 
+import lmdb
 import numpy as np
 import zstandard
 
@@ -25,13 +28,12 @@ from .store_format import (
     ZERO_IDX,
     Counters,
     Delta,
+    StoreError,
+    StoreFullError,
     crc32,
     encode_segment,
     segment_keys,
 )
-
-if TYPE_CHECKING:
-    import lmdb
 
 Txn: TypeAlias = "lmdb.Transaction[bytes]"
 Rec = tuple[bytes, int, int, bytes]  # index key, kind, crc32, payload (b"" for zero pages)
@@ -287,3 +289,18 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
         segs.append((sid, encode_segment(payloads, keys), size))
         total += size
     return segs, items, Counters(len(items), zero, raw, total)
+
+
+def write_error(path: Path, what: str, e: lmdb.Error) -> StoreError:
+    try:
+        vfs = os.statvfs(path)
+        free = vfs.f_bavail * vfs.f_frsize
+    except OSError:
+        free = -1
+    # LMDB reports a short write (what ENOSPC becomes in mdb_page_flush) as EIO
+    full = (isinstance(e, lmdb.DiskError) or "No space" in str(e)
+            or ("Input/output" in str(e) and 0 <= free < 64 << 20))
+    if full:
+        return StoreFullError(f"{path}: {what} failed, nothing of it was written: {e}"
+                              f"; the disk is full ({free} bytes free): free disk space")
+    return StoreError(f"{path}: {what} failed, nothing of it was written: {e}")
