@@ -71,12 +71,24 @@ class Obs:
         self.rec(key, lambda: self.k.pagemap_scan(self.a(first), stop, **kw))
 
     def access(self, p: int, kind: AccessKind, off: int = 0, n: int = 8) -> Access:
-        data = bytes([p + 1]) * n if kind is WR else b""
+        data = bytes([(p + 1) % 256]) * n if kind is WR else b""
         return self.k.start_access(self.a(p) + off, kind, n, data)
 
     def done(self, key: str, a: Access, t: float = 0.3) -> None:
         r = a.wait(t)
         self.out[key] = (r.status.value, r.err, r.data[:2])
+
+    def madvise_with_event(self, fd: int, p: int, advice: int) -> Any:
+        """madvise from another thread: it blocks until its REMOVE event is read."""
+        t = threading.Thread(target=self.rec, args=("_madv", lambda: self.k.madvise(
+            self.a(p), PS, advice)))
+        t.start()
+        time.sleep(0.2)
+        blocked = t.is_alive()
+        ev = [(m.start - self.r.addr, m.end - self.r.addr) for m in self.k.uffd_read(fd)
+              if isinstance(m, RemoveEvent)]
+        t.join(5)
+        return blocked, ev, self.out.pop("_madv", "hung")
 
     def msgs(self, key: str, fd: int) -> None:
         time.sleep(0.15)
@@ -294,20 +306,14 @@ def marker_scenario(k: Kernel, mt: str) -> dict[str, Any]:
     k.uffd_writeprotect(fd, o.a(0), 256 * PS, 1)
     o.done("read_marker", o.access(20, R, n=2))  # anon: zero page, still wr-protected
     o.done("write_marker", o.access(21, WR, n=2))  # async: becomes written
-    o.rec("dontneed_wp", lambda: k.madvise(o.a(3), PS, U.MADV_DONTNEED))
+    o.out["dontneed_wp"] = o.madvise_with_event(fd, 3, U.MADV_DONTNEED)
     o.scan("cats", 0, 24, return_mask=0x1FF)
     o.scan("written", 0, 256, category_mask=2, return_mask=2)
     if mt == "memfd":
         o.rec("punch", lambda: k.punch_hole(o.r.fd, 4 * PS, 2 * PS))
         o.rec("pread_punched", lambda: k.pread(o.r.fd, 4 * PS, 2))
         o.scan("after_punch", 0, 8, return_mask=0x1FF)
-        t = threading.Thread(target=o.rec, args=("remove", lambda: k.madvise(
-            o.a(6), PS, U.MADV_REMOVE)))
-        t.start()
-        time.sleep(0.2)
-        o.out["remove_msgs"] = [(m.start - o.r.addr, m.end - o.r.addr)
-                                for m in k.uffd_read(fd) if isinstance(m, RemoveEvent)]
-        t.join(2)
+        o.out["remove"] = o.madvise_with_event(fd, 6, U.MADV_REMOVE)
         o.rec("pread_removed", lambda: k.pread(o.r.fd, 6 * PS, 2))
         o.scan("after_remove", 0, 8, return_mask=0x1FF)
     k.uffd_close(fd)

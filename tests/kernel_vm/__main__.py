@@ -139,8 +139,8 @@ def summary(res: boot.RunResult, t_build: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    problem = check_host()
-    if problem and not (args.fetch_only and "venv" in problem):
+    problem = None if args.fetch_only else check_host()
+    if problem:
         log(f"FAILED (host): {problem}")
         return EXIT_HOST
     root = args.cache_dir or fetch.cache_root()
