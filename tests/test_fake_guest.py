@@ -265,3 +265,24 @@ def test_verify_detects_lost_corrupt_and_poisoned() -> None:
     assert (rep.lost_writes, rep.corrupt_pages, rep.poisoned_pages) == (1, 1, 1)
     assert rep.bad == [3, 5, 8]
     k.close()
+
+
+@pytest.mark.parametrize("dialect", [Dialect.RWP, Dialect.RFC])
+def test_move_into_tracked_range(dialect: Dialect) -> None:
+    """7.3 re-arms RWP on a page MOVEd into an RWP VMA; the RFC's MOVE leaves the page
+    accessible (its PTE is built from vm_page_prot)."""
+    k = FakeKernel(dialect)
+    r = k.map_anon(4 * PS)
+    st = k.map_anon(4 * PS)
+    k.start_access(st.addr, AccessKind.WRITE, 1, b"m").wait(5)
+    t = Tracker(k, r, extra_mode=U.UFFDIO_REGISTER_MODE_MISSING,
+                extra_feat=U.UFFD_FEATURE_MOVE, asynch=False)
+    assert k.uffd_move(t.fd, r.addr, st.addr, PS) == PS
+    a = k.start_access(r.addr, AccessKind.READ, 1)
+    if dialect is Dialect.RWP:
+        assert a.wait(0.2).status is AccessStatus.PENDING
+        (msg,) = k.uffd_read(t.fd)
+        assert isinstance(msg, PageFault) and msg.rwp
+        t.resolve(r.addr)
+    assert a.wait(5).data == b"m"
+    k.close()

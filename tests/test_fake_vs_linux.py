@@ -381,4 +381,4 @@ def test_fake_matches_linux(scenario: str, mt: str, fake: str) -> None:
     diffs = {key: (want[key], got.get(key)) for key in want
              if key not in skip and want[key] != got.get(key)}
     assert not diffs, f"{fake} differs from linux (linux, fake): {diffs}"
-    assert len(want) > 20  # the scenario really ran
+    assert len(want) >= 10  # the scenario really ran

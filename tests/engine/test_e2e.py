@@ -3,6 +3,7 @@ every page's write stamp is verified. 0 lost writes, 0 corrupt pages, nothing po
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from .conftest import fake_ok, linux_ok, run_selftest
 SECONDS = float(os.environ.get("VT_E2E_SECONDS", "6"))
 # The fake's vCPUs are Python: its region is smaller and runs longer to reach thousands.
 FAKE_SECONDS = float(os.environ.get("VT_E2E_FAKE_SECONDS", "10"))
-GUEST_SECONDS = float(os.environ.get("VT_E2E_GUEST_SECONDS", "4"))
+GUEST_SECONDS = float(os.environ.get("VT_E2E_GUEST_SECONDS", "8"))
 MIN_EVICTIONS = int(os.environ.get("VT_E2E_MIN_EVICTIONS", "2000"))
 
 
@@ -69,6 +70,7 @@ def test_linux_integrity(memtype: str) -> None:
 def test_guest_kernel_integrity(memtype: str) -> None:
     """In the 7.3 QEMU guest this runs the rwp strategy (short: Python under TCG is slow)."""
     out = run_selftest("--backend", "linux", "--memtype", memtype,
-                       "--seconds", str(GUEST_SECONDS), "--size-mib", "16",
+                       "--seconds", str(GUEST_SECONDS), "--size-mib", "2",
                        "--interval", "0.1", timeout=GUEST_SECONDS * 30 + 600)
+    print(json.dumps({k: v for k, v in out.items() if not k.startswith("_")}))  # for -s
     check(out, int(os.environ.get("VT_E2E_GUEST_MIN_EVICTIONS", "200")))

@@ -112,9 +112,11 @@ class FaultServer:
             if core.flags[p] & EVICTED:
                 return self._from_store(p, addr, t_read)
             if f.missing:
-                if core.flags[p] & ONCE:
+                if core.flags[p] & ONCE and not core.memfd:
                     return self._missing_after_eviction(p, addr, t_read)
-                # Never evicted since last known empty: legitimately zero memory.
+                # Never evicted since last known empty: legitimately zero memory. On memfd
+                # the file is the truth: only our punch (after a commit, EVICTED) makes a
+                # hole there, so any other hole was punched by the guest and reads as zero.
                 return self._fill(p, addr, None, "zero", t_read)
             assert core.tracker is not None
             core.tracker.resolve(addr)

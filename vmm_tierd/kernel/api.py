@@ -297,7 +297,7 @@ class Kernel(Protocol):
 
     def uffd_deactivate(self, fd: int, start: int, length: int) -> None:
         """RFC DEACTIVATE. Never sent to a real kernel (7.3 reuses nr 0x09 for RWPROTECT):
-        the linux backend raises ENOTTY without issuing it; fake-rwp answers EINVAL."""
+        both the linux backend (without issuing it) and fake-rwp raise ENOTTY."""
         ...
 
     def uffd_set_mode(self, fd: int, enable: int, disable: int) -> None: ...

@@ -29,6 +29,8 @@ from __future__ import annotations
 import errno
 import os
 
+import numpy as np
+
 from . import uapi
 from .api import (
     Capabilities,
@@ -50,6 +52,7 @@ from .fake_state import (
     F_WP,
     MODE_WP,
     PAGE,
+    PT_PAGES,
     TASK_SIZE,
     Mapping,
     MemFile,
@@ -181,6 +184,12 @@ class FakeKernel(OpsMixin, ScanMixin, GuestMixin):
         else:
             for s, a, b in m.segs_in(lo, hi):
                 self.zap_shmem(m, s, a, b)
+        # PT reclaim (measured): a PTE table whose whole 2 MiB the zap covered, and that
+        # is empty afterwards, is freed; its pages become a hole again.
+        for x in range(-(-lo // PT_PAGES) * PT_PAGES, hi - PT_PAGES + 1, PT_PAGES):
+            blk = m.flags[x:x + PT_PAGES]
+            if not np.any(blk & (~F_PT & 0xFF)):
+                blk[:] = 0
 
     def _punch(self, f: MemFile, lo: int, hi: int) -> None:
         """Drop file pages [lo, hi): page cache and every mapping's PTEs."""

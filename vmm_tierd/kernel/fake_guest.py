@@ -82,9 +82,9 @@ class GuestMixin(UffdMixin):
                     assert u is not None
                     return (u, uapi.UFFD_PAGEFAULT_FLAG_MINOR | w)
                 new = F_PRESENT | wpm
-            f = (f & F_PT) | new
-            m.flags[pg] = f
             m.set_pt(pg, pg + 1)
+            f = F_PT | new
+            m.flags[pg] = f
         if f & F_PROTNONE:  # RFC deactivated anon page
             if mode & MODE_MINOR and not self.async_minor(u):
                 assert u is not None
@@ -278,6 +278,8 @@ class FakeWorkload:
         with self._slock:
             if st == SIGBUS:
                 self._stats.sigbus += 1
+            elif st != OK:
+                pass  # unmapped under us (kernel closed): not an access
             elif write:
                 self._stats.writes += 1
             else:

@@ -205,8 +205,11 @@ class OpsMixin(UffdMixin):
                 raise KernelError(op, errno.EINVAL, 0, "dst not registered with this uffd")
             done = 0
             err = 0
+            # 7.3: a page moved into an RWP VMA arrives RWP-protected ("re-arm RWP on
+            # the moved PTE"), so the next access there re-faults RWP.
+            rearm = F_RWP if self.dialect is Dialect.RWP and ds.mode & MODE_RWP else 0
             for i in range(n):
-                err = self._move_one(dm, dlo + i, sm, slo + i, mode)
+                err = self._move_one(dm, dlo + i, sm, slo + i, mode, rearm)
                 if err:
                     break
                 done += PAGE
@@ -218,7 +221,8 @@ class OpsMixin(UffdMixin):
                 raise KernelError(op, errno.EAGAIN, done, f"stopped: {errno.errorcode[err]}")
             return done
 
-    def _move_one(self, dm: Mapping, dpg: int, sm: Mapping, spg: int, mode: int) -> int:
+    def _move_one(self, dm: Mapping, dpg: int, sm: Mapping, spg: int, mode: int,
+                  rearm: int) -> int:
         sf, df = int(sm.flags[spg]), int(dm.flags[dpg])
         holes_ok = mode & uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
         if not sf & F_PT and not holes_ok:
@@ -230,10 +234,10 @@ class OpsMixin(UffdMixin):
         if not sf & F_PRESENT:
             return errno.EFAULT  # a PTE marker (uffd-wp, poison) cannot move
         # The page (or zero-page PTE) moves; the new PTE gets the VMA's plain
-        # permissions: no uffd-wp bit, no RWP, no protnone.
+        # permissions: no uffd-wp bit, no protnone (RWP only by re-arming, see above).
         dm.set_content(dpg, sm.get_content(spg))
         sm.set_content(spg, None)
-        self._install(dm, dpg, F_PRESENT | (sf & F_ZERO))
+        self._install(dm, dpg, F_PRESENT | (sf & F_ZERO) | rearm)
         sm.flags[spg] = F_PT  # the source PTE is cleared, its table stays
         return 0
 

@@ -5,7 +5,8 @@ per VMA, so a scan is a few numpy passes over the flag array, chunk by chunk; a 
 flags are all equal costs one comparison. Behaviour measured on the 6.18 host (probe:
 fake and linux backends side by side) and reproduced here:
 - a none PTE inside an existing PTE table reads as PAGE_IS_WRITTEN (its uffd-wp bit is
-  clear), on every VMA; that is why MADV_DONTNEED and a MOVE-out count as writes;
+  clear), on every VMA; that is why MADV_DONTNEED and a MOVE-out count as writes
+  (unless the MADV_DONTNEED covered a whole 2 MiB table, which is then freed);
 - a range with no PTE table at all (a "hole") reads as the VMA's category, plus
   PAGE_IS_WRITTEN when the VMA is registered MODE_WP (with or without WP_ASYNC);
 - a uffd-wp or poison PTE marker reads as PAGE_IS_SWAPPED (poison: also WRITTEN);
