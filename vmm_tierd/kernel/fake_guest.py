@@ -45,6 +45,7 @@ from .fake_state import (
     materialize,
 )
 from .fake_uffd import UffdMixin
+from .stamps import workload_layout
 
 OK, SIGBUS, EFAULT = 0, 1, 2
 _W = uapi.UFFD_PAGEFAULT_FLAG_WRITE
@@ -220,24 +221,6 @@ class FakeAccess:
 
     def __repr__(self) -> str:
         return f"FakeAccess(tid={self._tid}, done={self.done()})"
-
-
-def workload_layout(npages: int, spec: WorkloadSpec
-                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Same layout as the Linux backend's workload: zero pages, ZIPF permutation and CDF."""
-    rng = np.random.default_rng(spec.seed)
-    zero = np.zeros(npages, dtype=np.uint8)
-    nzero = min(npages, round(spec.zero_fraction * npages)) if spec.zero_fraction > 0 else 0
-    if nzero:
-        zero[rng.choice(npages, size=nzero, replace=False)] = 1
-    if spec.pattern is not Pattern.ZIPF:
-        return zero, None, None
-    perm = rng.permutation(npages).astype(np.uint64)
-    weights = np.arange(1, npages + 1, dtype=np.float64) ** -spec.zipf_s
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
-    cdf[-1] = 1.0
-    return zero, perm, cdf
 
 
 class FakeWorkload:

@@ -25,6 +25,7 @@ from .api import (
     WorkloadSpec,
     WorkloadStats,
 )
+from .stamps import workload_layout
 
 _KIND = {AccessKind.READ: lib.VG_READ, AccessKind.WRITE: lib.VG_WRITE,
          AccessKind.GUP_READ: lib.VG_GUP_READ}
@@ -100,25 +101,6 @@ def start_access(kernel: object, addr: int, kind: AccessKind, length: int = 1,
     if h == ffi.NULL:
         raise KernelError("start_access", ffi.errno, 0, f"{kind.value} at 0x{addr:x}")
     return LinuxAccess(h, kind, n)
-
-
-def workload_layout(npages: int, spec: WorkloadSpec
-                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Deterministic from ``spec.seed``: the never-written zero pages (uint8 mask), and for
-    ZIPF the page of each popularity rank and the CDF over ranks."""
-    rng = np.random.default_rng(spec.seed)
-    zero = np.zeros(npages, dtype=np.uint8)
-    nzero = min(npages, round(spec.zero_fraction * npages)) if spec.zero_fraction > 0 else 0
-    if nzero:
-        zero[rng.choice(npages, size=nzero, replace=False)] = 1
-    if spec.pattern is not Pattern.ZIPF:
-        return zero, None, None
-    perm = rng.permutation(npages).astype(np.uint64)
-    weights = np.arange(1, npages + 1, dtype=np.float64) ** -spec.zipf_s
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
-    cdf[-1] = 1.0
-    return zero, perm, cdf
 
 
 class LinuxWorkload:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .api import Pattern, WorkloadSpec
+
 PAGE = 4096
 GOLDEN = 0x9E3779B97F4A7C15
 MASK = (1 << 64) - 1
@@ -45,3 +47,22 @@ def read_stamp(page: bytes) -> tuple[int, int]:
     """(index, version) stamped in ``page``; (-1, 0) for an all-zero page."""
     head = np.frombuffer(page[:16], dtype="<u8")
     return int(head[0]) - 1, int(head[1])
+
+
+def workload_layout(npages: int, spec: WorkloadSpec
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Deterministic from ``spec.seed``: the never-written zero pages (uint8 mask), and for
+    ZIPF the page of each popularity rank and the CDF over ranks."""
+    rng = np.random.default_rng(spec.seed)
+    zero = np.zeros(npages, dtype=np.uint8)
+    nzero = min(npages, round(spec.zero_fraction * npages)) if spec.zero_fraction > 0 else 0
+    if nzero:
+        zero[rng.choice(npages, size=nzero, replace=False)] = 1
+    if spec.pattern is not Pattern.ZIPF:
+        return zero, None, None
+    perm = rng.permutation(npages).astype(np.uint64)
+    weights = np.arange(1, npages + 1, dtype=np.float64) ** -spec.zipf_s
+    cdf = np.cumsum(weights)
+    cdf /= cdf[-1]
+    cdf[-1] = 1.0
+    return zero, perm, cdf
