@@ -72,11 +72,11 @@ class H:
 @asynccontextmanager
 async def engine(backend: str, memtype: str = "anon", *, npages: int = 256,
                  strategy: Strategy | None = None, store_cls: type[PageStore] = PageStore,
-                 interval: float = 0.05) -> AsyncIterator[H]:
+                 interval: float = 0.05, deadline: float = 30.0) -> AsyncIterator[H]:
     kernel = open_kernel(backend)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
-            daemon=DaemonSettings(backend=backend, shutdown_deadline_s=30.0),
+            daemon=DaemonSettings(backend=backend, shutdown_deadline_s=deadline),
             store=StoreSettings(path=Path(tmp), sync="none"),
             tracking=TrackingSettings(interval_s=interval, min_age=1, refault_hold=0),
             regions=(RegionSettings(name="t", size_bytes=npages * PS,

@@ -211,3 +211,20 @@ def test_memfd_hole_punched_by_the_guest_reads_zero(backend: str) -> None:
             assert r.status is AccessStatus.OK and r.data == bytes(PS), r
             assert h.engine.region_stats()[0].poisoned_pages == 0
     trio.run(main)
+
+
+@pytest.mark.skipif(not fake_ok(), reason="no fake")
+def test_missed_shutdown_deadline_keeps_the_records() -> None:
+    """Past the deadline the engine gives up restoring: run() returns, not graceful, and
+    the records stay for the next start to reclaim (nothing is deleted unrestored)."""
+    async def main() -> None:
+        async with engine("fake-rwp", "anon", deadline=0.0) as h:
+            await h.write_pages(PAGES)
+            await h.wait_evicted(PAGES)
+            h.engine.request_stop()
+            with trio.fail_after(20):
+                await h.runner.cycle_done.wait()
+            await trio.sleep(0.3)  # a (wrong) restore + delete would be done by now
+            assert not h.engine.graceful
+            assert h.store.stats().records >= len(PAGES)
+    trio.run(main)

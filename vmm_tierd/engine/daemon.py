@@ -123,7 +123,7 @@ class RegionRunner:
                     break
                 t = time.perf_counter()
                 try:
-                    await self._one_cycle(tr, interval, phases)
+                    await self._one_cycle(interval, phases)
                 except KernelError as e:  # whatever wasn't committed stays resident
                     core.kerr(e, "cycle")
                 core.c.cycles += 1
@@ -132,7 +132,7 @@ class RegionRunner:
         finally:
             self.cycle_done.set()
 
-    async def _one_cycle(self, tr: object, interval: float, phases: dict[str, float]) -> None:
+    async def _one_cycle(self, interval: float, phases: dict[str, float]) -> None:
         core = self.core
         assert core.tracker is not None
         t = time.perf_counter()

@@ -23,6 +23,7 @@ log = logging.getLogger("vmm_tierd.engine")
 DONE, RETRY, AGAIN = 0, 1, 2
 TRANSIENT = (errno.EAGAIN, errno.ENOMEM, errno.EINTR)
 MAX_READ = 64
+YIELD_EVERY = 256
 
 
 class FaultServer:
@@ -36,7 +37,7 @@ class FaultServer:
                     ) -> None:
         core = self.core
         task_status.started()
-        tries = 0
+        tries = served = 0
         while True:
             if not self.backlog:
                 await trio.lowlevel.wait_readable(core.fd)
@@ -57,6 +58,10 @@ class FaultServer:
                     continue
                 tries = 0
                 self.backlog.popleft()
+                served += 1
+                if not served % YIELD_EVERY:  # a fault storm must not starve the cycle
+                    core.flush_back()
+                    await trio.lowlevel.checkpoint()
                 if not self.backlog:
                     self.pull()
             core.flush_back()  # the policy hears before any other task runs
