@@ -1,5 +1,6 @@
-/* guest: C threads that touch guest memory (accessors, workloads, verifier).
- * Everything here may block on a userfaultfd fault; cffi calls it with the GIL released. */
+/* guest: types and constants of the guest_* units (C threads that touch guest memory:
+ * accessors, workloads, verifier), plus write stamps and test memory. Everything in them
+ * may block on a userfaultfd fault; cffi calls it with the GIL released. */
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -54,26 +55,6 @@ typedef struct vg_verify_report {
 
 uint64_t vg_stamp_seed(uint64_t index, uint64_t version);
 void vg_stamp_page(void *dst, uint64_t index, uint64_t version);
-
-vg_access *vg_access_start(int kind, uint64_t addr, size_t length, const uint8_t *data);
-int vg_access_wait(vg_access *a, double timeout_s);
-int vg_access_status(vg_access *a);
-int vg_access_tid(vg_access *a);
-int vg_access_err(vg_access *a);
-size_t vg_access_result(vg_access *a, uint8_t *out, size_t cap);
-void vg_access_release(vg_access *a);
-
-vg_workload *vg_workload_start(uint64_t addr, uint64_t npages, const vg_spec *spec,
-                               const uint8_t *zero_mask, const uint64_t *perm,
-                               const double *cdf, uint64_t ncdf);
-void vg_workload_stats(vg_workload *w, vg_stats *out);
-void vg_workload_request_stop(vg_workload *w);
-int vg_workload_join(vg_workload *w, double timeout_s);
-int vg_workload_verify(vg_workload *w, int nthreads, vg_verify_report *out);
-void vg_workload_versions(vg_workload *w, uint64_t *out);
-int vg_workload_counts(vg_workload *w, uint32_t *out);
-int vg_workload_set_version(vg_workload *w, uint64_t page, uint64_t version);
-void vg_workload_free(vg_workload *w);
 
 void *vg_mmap(size_t length, int fd, uint64_t offset);
 int vg_munmap(void *addr, size_t length);

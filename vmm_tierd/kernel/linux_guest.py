@@ -1,6 +1,6 @@
 """Guest-side threads of the linux backend: accessors, workloads and the verifier.
 
-Every touch of guest memory happens in C pthreads (native/guest.c) created in C; Python
+Every touch of guest memory happens in C pthreads (native/guest*.c) created in C; Python
 only starts them, polls their status and copies results out of C-owned buffers. A thread
 may therefore block on a userfaultfd fault that the trio loop of this process serves.
 """
