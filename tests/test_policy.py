@@ -306,3 +306,59 @@ def test_large_min_age_with_hold_does_not_overflow() -> None:
     for _ in range(300):
         p.observe(np.ones(2, dtype=bool))
     assert p.select(1.0).tolist() == [1]  # page 0 would need age 260: never
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 31), max_size=40), st.lists(st.integers(0, 31), max_size=40),
+       st.integers(0, 300))
+def test_mark_resident_few_matches_mark_resident(evict: list[int], back: list[int],
+                                                 cycles: int) -> None:
+    t = TrackingSettings(min_age=1, refault_window=3, refault_hold=2)
+    a, b = PagePolicy(32, t), PagePolicy(32, t)
+    for p in (a, b):
+        p.mark_evicted(np.array(evict[: len(evict) // 2], dtype=np.uint64))
+        for _ in range(cycles % 7):
+            p.observe(np.ones(32, dtype=bool))
+        p.mark_evicted(np.array(evict[len(evict) // 2:], dtype=np.uint64))
+        p.mark_zero(np.array(evict[:3], dtype=np.uint64))
+    assert a.mark_resident(np.array(back, dtype=np.uint64)) == b.mark_resident_few(back)
+    assert a.state.tolist() == b.state.tolist() and a.age.tolist() == b.age.tolist()
+    assert (a.evicted_pages, a.refaults_total) == (b.evicted_pages, b.refaults_total)
+
+
+def test_engine_bits_share_the_state_byte() -> None:
+    p = PagePolicy(8, TrackingSettings(min_age=1, refault_window=4, refault_hold=3))
+    assert not p.gone(2) and not p.once(2)
+    p.mark_evicted(np.array([2, 3], dtype=np.uint64))
+    assert p.gone(2) and p.once(2) and p.gone_mask().tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    p.back_one(2)  # faulted back: not served from the store any more, policy not told yet
+    assert not p.gone(2) and p.once(2) and p.evicted_pages == 2
+    assert p.mark_resident(np.array([2])) == 1
+    assert p.once(2) and not p.gone(2) and p.state[2] >> 3 == 3  # hold kept beside ONCE
+    p.forget(0, 4)  # guest discarded: nothing evicted, nothing ONCE any more
+    assert not p.once(2) and not p.gone(3) and p.evicted_pages == 0
+    assert p.state[2] >> 3 == 3 and p.metadata_bytes_per_page == 2
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(-4, 600), st.integers(0, 40)), min_size=33,
+                max_size=150), st.booleans())
+def test_ranges_to_mask_many_ranges_every_path(spans: list[tuple[int, int]],
+                                              ordered: bool) -> None:
+    """More than a few ranges: the sparse (page by page) and the dense (edges + cumsum)
+    paths, sorted-disjoint or not, unaligned ends and ranges past either end. A page
+    partly inside a range counts."""
+    base, n = 1 << 30, 512
+    want = np.zeros(n, dtype=bool)
+    rows = []
+    for start, length in spans:
+        lo, hi = start * PS + 100, max((start + length) * PS - 7, start * PS + 100)
+        rows.append((base + lo, base + hi, 0))
+        want[max(lo // PS, 0):max(min(-(-hi // PS), n), 0)] = True
+    arr = np.array(rows, dtype=np.uint64)
+    if ordered:
+        arr = arr[np.argsort(arr[:, 0], kind="stable")]
+    assert PagePolicy.ranges_to_mask(arr, base, n).tolist() == want.tolist()
+    keep = np.arange(n) % 3 != 0
+    got = PagePolicy.ranges_to_mask(arr, base, n, PS, clear=keep.copy())
+    assert got.tolist() == (keep & ~want).tolist()

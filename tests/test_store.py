@@ -451,3 +451,28 @@ def test_matches_a_dict_model(tmp_path: Path, program: list[tuple]) -> None:
     finally:
         s.close()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def test_get_reuses_a_read_txn_yet_sees_every_commit(tmp_path: Path) -> None:
+    s = PageStore(tmp_path, sync="none", instance_id="t")
+    r = s.region_id("g")
+    a, b = stamps.page_bytes(1, 1), stamps.page_bytes(2, 1)
+    put(s, r, [1], [a])
+    assert s.get(r, 1) == a
+    with pytest.raises(KeyError):
+        s.get(r, 2)  # the read txn is kept from here on
+    put(s, r, [2], [b])
+    assert s.get(r, 2) == b  # committed after the txn began: renewed
+    s.delete(r, np.array([1], dtype=np.uint64))
+    with pytest.raises(KeyError):
+        s.get(r, 1)
+    got: list[bytes | None] = []
+    t = threading.Thread(target=lambda: got.append(s.get(r, 2)))  # its own txn
+    t.start()
+    t.join(10)
+    assert got == [b]
+    s.release_reader()
+    assert s.get(r, 2) == b
+    s.close()  # with live read txns of two threads: they are aborted, nothing crashes
+    with pytest.raises(RecordError, match="closed"):
+        s.get(r, 2)

@@ -228,3 +228,41 @@ def test_missed_shutdown_deadline_keeps_the_records() -> None:
             assert not h.engine.graceful
             assert h.store.stats().records >= len(PAGES)
     trio.run(main)
+
+
+class NoPutGcStore(PageStore):
+    """put_batch never compacts: only the engine's end-of-cycle compaction can."""
+
+    def __init__(self, path: object, **kw: object) -> None:
+        super().__init__(path, compact_in_put=0, **kw)  # type: ignore[arg-type]
+        self.compactions = 0
+
+    def compact(self, max_segments: int = 8) -> int:
+        n = super().compact(max_segments)
+        self.compactions += n
+        return n
+
+
+@pytest.mark.skipif(not fake_ok(), reason="no fake")
+def test_cycle_compacts_dead_bytes_left_by_deletes() -> None:
+    pages = range(0, 128)
+
+    async def main() -> None:
+        async with engine("fake-rwp", "anon", store_cls=NoPutGcStore) as h:
+            store = h.store
+            assert isinstance(store, NoPutGcStore)
+            await h.write_pages(pages)
+            await h.wait_evicted(pages)
+            live = store.stats().compressed_bytes
+            h.core.pending_tracking = TrackingSettings(interval_s=0.05, min_age=255)
+            for p in range(0, 128, 2):  # fault half back: their records get deleted
+                r = await h.access(p, AccessKind.READ)
+                assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
+            await h.wait_for(lambda: store.compactions > 0 and store.stats().records == 64)
+            await h.wait_for(lambda: store.stats().dead_bytes <= 0.1 * live)
+            st = store.stats()
+            assert st.compressed_bytes < 0.75 * live
+            for p in range(1, 128, 2):
+                r = await h.access(p, AccessKind.READ)
+                assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
+    trio.run(main)

@@ -1,4 +1,5 @@
-"""Pure helpers of the tracker: contiguous runs and PAGEMAP_SCAN ranges → page masks."""
+"""Pure helpers of the tracker: contiguous runs and PAGEMAP_SCAN ranges → page masks
+(the tracker uses the policy's ranges_to_mask, the one implementation)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmm_tierd.engine.tracker import ranges_to_mask, runs
+from vmm_tierd.engine.policy import PagePolicy
+from vmm_tierd.engine.tracker import runs
 
 PS = 4096
 
@@ -38,4 +40,4 @@ def test_ranges_to_mask_matches_naive(spans: list[tuple[int, int]]) -> None:
         rows.append((base + start * PS, base + end * PS, 2))
         want[min(start, npages):min(end, npages)] = True
     regions = np.array(rows, dtype=np.uint64).reshape(-1, 3)
-    assert (ranges_to_mask(regions, base, npages, PS) == want).all()
+    assert (PagePolicy.ranges_to_mask(regions, base, npages, PS) == want).all()

@@ -21,10 +21,13 @@ from .evict import Evictor
 from .faults import FaultServer
 from .observer import NullObserver, Observer
 from .policy import PagePolicy
-from .region import EVICTED, RegionCore
+from .region import RegionCore
 from .store import PageStore
 
 log = logging.getLogger("vmm_tierd.engine")
+
+COMPACT_DEAD = 0.10  # compact once dead payload bytes exceed this share of the live ones
+COMPACT_SEGMENTS = 8  # segments rewritten per cycle at most
 
 
 @dataclass
@@ -85,7 +88,7 @@ class RegionRunner:
                     await self.cycle_done.wait()
                     await self.evictor.flush_deletes()
                     self.restored = await core.restore_all()
-                    if not np.count_nonzero(core.flags & EVICTED):
+                    if not np.count_nonzero(core.policy.gone_mask()):
                         await trio.to_thread.run_sync(core.store.delete_range, core.rid, 0,
                                                       core.npages)
                         self.graceful = True
@@ -139,8 +142,7 @@ class RegionRunner:
         await self.evictor.flush_deletes()  # before any put: a re-evicted page's record lives
         phases["delete"] = time.perf_counter() - t
         t = time.perf_counter()
-        cold = core.tracker.scan_cold()
-        cold &= (core.flags & EVICTED) == 0
+        cold = core.tracker.scan_cold()  # observe() leaves evicted pages alone
         phases["scan"] = time.perf_counter() - t
         t = time.perf_counter()
         core.policy.observe(cold)
@@ -148,6 +150,22 @@ class RegionRunner:
         phases["select"] = time.perf_counter() - t
         if len(victims):
             await self.evictor.evict(victims, phases)
+        t = time.perf_counter()
+        await self.compact()
+        phases["compact"] = time.perf_counter() - t
+
+    async def compact(self) -> int:
+        """Deletes (restores, REMOVE drops) leave dead bytes in the store's segments; once
+        they pass COMPACT_DEAD of the live bytes, rewrite a bounded number of segments."""
+        store = self.core.store
+        st = store.stats()
+        if st.dead_bytes <= COMPACT_DEAD * max(1, st.compressed_bytes):
+            return 0
+        try:
+            return await trio.to_thread.run_sync(store.compact, COMPACT_SEGMENTS)
+        except Exception as e:  # only space is lost; the next cycle tries again
+            log.error("region %s: store compaction failed: %s", self.core.name, e)
+            return 0
 
     def stats(self) -> RegionStats:
         core = self.core

@@ -26,7 +26,7 @@ import trio
 
 from ..kernel import uapi
 from ..kernel.api import KernelError
-from .region import EVICTED, ONCE, STAGING_PAGES, Batch, RegionCore
+from .region import STAGING_PAGES, Batch, RegionCore
 from .tracker import runs
 
 log = logging.getLogger("vmm_tierd.engine")
@@ -40,7 +40,7 @@ class Evictor:
     async def evict(self, victims: np.ndarray, phases: dict[str, float]) -> int:
         core = self.core
         victims = np.sort(victims.astype(np.uint64))
-        victims = victims[(core.flags[victims] & EVICTED) == 0]
+        victims = victims[~core.policy.gone_mask(victims)]
         total = 0
         for off in range(0, len(victims), STAGING_PAGES):
             chunk = victims[off:off + STAGING_PAGES]
@@ -309,8 +309,7 @@ class Evictor:
         self._drop_batch(batch)
         keep = ~batch.reclaimed
         ev = batch.pages[keep]
-        core.flags[ev] |= np.uint8(EVICTED | ONCE)
-        core.policy.mark_evicted(ev)
+        core.policy.mark_evicted(ev)  # sets GONE: faults on them are served from the store
         z = ev[zero[keep]]
         if len(z):
             core.policy.mark_zero(z)

@@ -16,12 +16,15 @@ from collections import deque
 import trio
 
 from ..kernel.api import KernelError, PageFault, RemoveEvent, UffdEvent, UnmapEvent
-from .region import EVICTED, ONCE, RegionCore
+from .policy import GONE, OUT
+from .region import RegionCore
+from .store import RecordError
 
 log = logging.getLogger("vmm_tierd.engine")
 
 DONE, RETRY, AGAIN = 0, 1, 2
 TRANSIENT = (errno.EAGAIN, errno.ENOMEM, errno.EINTR)
+NOT_OUT = ~OUT & 0xFF
 MAX_READ = 64
 YIELD_EVERY = 256
 
@@ -36,6 +39,9 @@ class FaultServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         core = self.core
+        # the region is mapped and registered before serving starts and never moves
+        self.base, self.ps, self.npages = core.base, core.ps, core.npages
+        self.st = core.policy.view  # the per-page state byte, scalar access
         task_status.started()
         tries = served = 0
         while True:
@@ -65,7 +71,8 @@ class FaultServer:
                 if not self.backlog:
                     self.pull()
             core.flush_back()  # the policy hears before any other task runs
-            await trio.lowlevel.checkpoint()
+            core.store.release_reader()
+            # no checkpoint here: wait_readable above always yields to the other tasks
 
     def pull(self) -> None:
         """Read every pending message; events are handled at once, faults queued."""
@@ -104,20 +111,21 @@ class FaultServer:
     # ---- one fault -----------------------------------------------------------------
     def serve_one(self, f: PageFault, t_read: float) -> int:
         core = self.core
-        ps = core.ps
-        addr = f.address & ~(ps - 1)
-        p = (addr - core.base) // ps
-        if not 0 <= p < core.npages:
+        ps = self.ps
+        p = (f.address - self.base) // ps
+        if not 0 <= p < self.npages:
             log.warning("region %s: fault at 0x%x outside the region", core.name, f.address)
             return DONE
+        addr = self.base + p * ps
         try:
-            ent = core.inflight.get(p)
-            if ent is not None:
-                return self._from_batch(p, addr, ent[0].staging, ent[1], t_read)
-            if core.flags[p] & EVICTED:
+            if core.inflight:
+                ent = core.inflight.get(p)
+                if ent is not None:
+                    return self._from_batch(p, addr, ent[0].staging, ent[1], t_read)
+            if self.st[p] & GONE == GONE:
                 return self._from_store(p, addr, t_read)
             if f.missing:
-                if core.flags[p] & ONCE and not core.memfd:
+                if not core.memfd and core.policy.once(p):
                     return self._missing_after_eviction(p, addr, t_read)
                 # Never evicted since last known empty: legitimately zero memory. On memfd
                 # the file is the truth: only our punch (after a commit, EVICTED) makes a
@@ -145,7 +153,7 @@ class FaultServer:
             core.k.uffd_wake(core.fd, addr, core.ps)
             core.count_fault("wake", t_read)
             return DONE
-        if e.errno in (errno.ENOENT, errno.EFAULT) and not core.flags[p] & EVICTED:
+        if e.errno in (errno.ENOENT, errno.EFAULT) and not core.policy.gone(p):
             # Resolving a tracking fault on a page that is absent by now (moved to staging,
             # or punched): wake it; it re-faults as MISSING and is served by state.
             core.k.uffd_wake(core.fd, addr, core.ps)
@@ -181,8 +189,7 @@ class FaultServer:
         return DONE
 
     def _from_store(self, p: int, addr: int, t_read: float) -> int:
-        from .store import RecordError
-
+        """The hot path: get → checksum → decompress (in get) → UFFDIO_COPY."""
         core = self.core
         try:
             data = core.store.get(core.rid, p)
@@ -194,11 +201,24 @@ class FaultServer:
             core.poison(p, "record missing")
             core.count_fault("poison", t_read)
             return DONE
-        return self._fill(p, addr, data, "store" if data is not None else "zero", t_read,
-                          evicted=True)
+        kind = "store"
+        try:
+            if data is None:
+                kind = "zero"
+                core.zero_fill(addr, self.ps)
+            else:
+                core.k.uffd_copy(core.fd, addr, data, 0)
+        except KernelError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            core.k.uffd_wake(core.fd, addr, self.ps)
+            kind = "wake"
+        self.st[p] &= NOT_OUT  # back in memory; the policy hears in bulk (flush_back)
+        core.back.append(p)
+        core.count_fault(kind, t_read)
+        return DONE
 
-    def _fill(self, p: int, addr: int, data: bytes | None, kind: str, t_read: float,
-              evicted: bool = False) -> int:
+    def _fill(self, p: int, addr: int, data: bytes | None, kind: str, t_read: float) -> int:
         core = self.core
         try:
             if data is None:
@@ -210,8 +230,6 @@ class FaultServer:
                 raise
             core.k.uffd_wake(core.fd, addr, core.ps)
             kind = "wake"
-        if evicted:
-            core.back_one(p)
         core.count_fault(kind, t_read)
         return DONE
 

@@ -6,6 +6,12 @@ Per page: ``age`` (uint8) and ``state`` (uint8).
 - evicted page: ``age`` = the cycle number (mod 256) it was evicted in, so a fault within
   ``refault_window`` cycles counts as a refault. ``observe`` sets EXPIRED once the window
   has passed, so the mod-256 cycle number never aliases.
+The engine's per-page state lives in the same byte, in bits unused in each case:
+- OUT (bit 3, evicted pages only: holds are cleared on eviction): the record is committed
+  and the page is gone from memory; cleared by ``back_one`` the moment a fault brought it
+  back, while the policy hears (``mark_resident``) in bulk.
+- ONCE (bit 2, resident pages only: EXPIRED is evicted-only): evicted since it was last
+  known empty, so an absent page is NOT zero memory. Every evicted page counts as ONCE.
 No trio, no kernel, and no Python loop over pages.
 """
 
@@ -19,9 +25,13 @@ EVICTED = 0x01
 ZERO = 0x02  # page known to be all zeros (cleared when it is accessed or faulted in)
 EXPIRED_SHIFT = 2
 EXPIRED = 1 << EXPIRED_SHIFT  # evicted longer ago than refault_window
+ONCE = EXPIRED  # on resident pages (see above)
 HOLD_SHIFT = 3
+OUT = 1 << HOLD_SHIFT  # on evicted pages (see above)
+GONE = EVICTED | OUT
 HOLD_MAX = 0xFF >> HOLD_SHIFT  # 31 intervals
 WINDOW_MAX = 254  # the window must close before the cycle byte wraps
+FEW_RANGES = 32
 
 
 class PagePolicy:
@@ -30,6 +40,7 @@ class PagePolicy:
         self.page_size = page_size
         self.age = np.zeros(npages, dtype=np.uint8)
         self.state = np.zeros(npages, dtype=np.uint8)
+        self.view = self.state.data  # of state: scalar access ~10x cheaper than numpy
         self.cycle = 0  # observe() calls so far
         self.refaults_total = 0
         self._evicted = 0
@@ -48,24 +59,56 @@ class PagePolicy:
 
     @staticmethod
     def ranges_to_mask(regions: np.ndarray, base: int, npages: int,
-                       page_size: int = 4096) -> np.ndarray:
-        """bool[npages]: pages covered by PAGEMAP_SCAN ``regions`` ((n, 3): start, end, cat)."""
+                       page_size: int = 4096, clear: np.ndarray | None = None
+                       ) -> np.ndarray:
+        """bool[npages]: pages covered by PAGEMAP_SCAN ``regions`` ((n, 3): start, end, cat).
+        With ``clear`` (bool[npages]): set the covered pages False in it and return it
+        (``clear & ~mask`` without building the mask where that is cheaper)."""
         r = np.asarray(regions, dtype=np.uint64).reshape(-1, 3)
+        out = np.zeros(npages, dtype=bool) if clear is None else clear
+        val = clear is None
         if not len(r):
-            return np.zeros(npages, dtype=bool)
-        lo = (r[:, 0].astype(np.int64) - base) // page_size
-        hi = -((base - r[:, 1].astype(np.int64)) // page_size)  # ceil
-        lo, hi = np.clip(lo, 0, npages), np.clip(hi, 0, npages)
+            return out
+        # user addresses are < 2**63: an int64 view is exact, and >> floors like //
+        lo = r[:, 0].view(np.int64) - base
+        hi = r[:, 1].view(np.int64) - (base - page_size + 1)  # ceil
+        if page_size & (page_size - 1):
+            lo //= page_size
+            hi //= page_size
+        else:
+            shift = page_size.bit_length() - 1
+            lo >>= shift
+            hi >>= shift
+        if int(lo.min()) < 0 or int(hi.max()) > npages:
+            np.clip(lo, 0, npages, out=lo)
+            np.clip(hi, 0, npages, out=hi)
+        if len(lo) <= FEW_RANGES:  # e.g. PAGE_IS_PRESENT: a few long runs
+            for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
+                out[a:b] = val
+            return out
         keep = hi > lo
-        lo, hi = lo[keep], hi[keep]
-        if len(lo) < 2 or bool(np.all(lo[1:] >= hi[:-1])):  # sorted, disjoint: as returned
+        if not keep.all():
+            lo, hi = lo[keep], hi[keep]
+        lens = hi - lo
+        total = int(lens.sum())
+        if total * 3 < npages:  # sparse: set each page, cheaper than a scan of npages
+            out[np.arange(total, dtype=np.int64) + np.repeat(lo - (np.cumsum(lens) - lens),
+                                                              lens)] = val
+            return out
+        if bool(np.all(lo[1:] >= hi[:-1])):  # sorted, disjoint: as returned
             edges = np.zeros(npages + 1, dtype=np.int8)
             edges[lo] = 1
             edges[hi] -= 1  # a range may start where the previous one ends
-            return np.cumsum(edges[:-1], dtype=np.int8).view(bool)
-        edges32 = np.bincount(lo, minlength=npages + 1).astype(np.int32)
-        edges32 -= np.bincount(hi, minlength=npages + 1).astype(np.int32)
-        return np.cumsum(edges32[:-1], dtype=np.int32) > 0
+            m = np.cumsum(edges[:-1], dtype=np.int8).view(bool)
+        else:
+            edges32 = np.bincount(lo, minlength=npages + 1).astype(np.int32)
+            edges32 -= np.bincount(hi, minlength=npages + 1).astype(np.int32)
+            m = np.cumsum(edges32[:-1], dtype=np.int32) > 0
+        if clear is None:
+            return m
+        np.logical_not(m, out=m)
+        clear &= m
+        return clear
 
     def observe(self, cold: np.ndarray) -> None:
         """One interval's tracking result (True = not accessed). Resident cold pages age by
@@ -132,7 +175,7 @@ class PagePolicy:
         p = _index(pages)
         st = self.state[p]
         self._evicted += int(np.count_nonzero((st & EVICTED) == 0))
-        self.state[p] = EVICTED | (st & ZERO)
+        self.state[p] = GONE | (st & ZERO)
         self.age[p] = self.cycle & 0xFF
         self._version += 1
 
@@ -144,15 +187,67 @@ class PagePolicy:
         ev = (st & EVICTED) != 0
         since = np.uint8(self.cycle & 0xFF) - self.age[p]
         refault = ev & ((st & EXPIRED) == 0) & (since <= self.window)
-        # evicted pages restart with a hold (refault) or none; resident ones keep theirs
-        fresh = np.where(refault, np.uint8(self.hold << HOLD_SHIFT), np.uint8(0))
-        self.state[p] = np.where(ev, fresh, st & np.uint8(~(EVICTED | ZERO | EXPIRED) & 0xFF))
+        # evicted pages restart with a hold (refault) or none, and ONCE; resident ones keep
+        # their hold and ONCE
+        fresh = np.where(refault, np.uint8(self.hold << HOLD_SHIFT | ONCE), np.uint8(ONCE))
+        self.state[p] = np.where(ev, fresh, st & np.uint8(~(EVICTED | ZERO) & 0xFF))
         self.age[p] = 0
         n = int(np.count_nonzero(refault))
         self._evicted -= int(np.count_nonzero(ev))
         self.refaults_total += n
         self._version += 1
         return n
+
+    def mark_resident_few(self, pages: list[int]) -> int:
+        """``mark_resident`` for a handful of pages (a fault burst): scalar, same result."""
+        st, age = self.view, self.age.data
+        now, window, held = self.cycle & 0xFF, self.window, self.hold << HOLD_SHIFT | ONCE
+        n = back = 0
+        for p in pages:
+            s = st[p]
+            if s & EVICTED:
+                if not s & EXPIRED and (now - age[p]) & 0xFF <= window:
+                    st[p] = held
+                    n += 1
+                else:
+                    st[p] = ONCE
+                back += 1
+            else:
+                st[p] = s & (~(EVICTED | ZERO) & 0xFF)
+            age[p] = 0
+        self._evicted -= back
+        self.refaults_total += n
+        self._version += 1
+        return n
+
+    # ---- the engine's per-page bits (scalar ones are on the fault path) ------------------
+    def gone(self, p: int) -> bool:
+        """Committed and out of memory: a fault on it is served from the store."""
+        return self.view[p] & GONE == GONE
+
+    def once(self, p: int) -> bool:
+        """Evicted since it was last known empty (an absent page is not zero memory)."""
+        return self.view[p] & (EVICTED | ONCE) != 0
+
+    def back_one(self, p: int) -> None:
+        """A fault brought the page back; ``mark_resident`` follows in bulk."""
+        self.view[p] &= ~OUT & 0xFF
+
+    def gone_mask(self, pages: np.ndarray | slice = slice(None)) -> np.ndarray:
+        return (self.state[pages] & GONE) == GONE
+
+    def forget(self, first: int, end: int) -> None:
+        """The guest discarded pages [first, end): absent now means zero. Pages still
+        counted evicted (poisoned ones) become resident; no page keeps ONCE."""
+        sl = self.state[first:end]
+        ev = (sl & EVICTED) != 0
+        n = int(np.count_nonzero(ev))
+        if n:
+            sl[ev] = 0
+            self.age[first:end][ev] = 0
+            self._evicted -= n
+        sl &= np.uint8(~ONCE & 0xFF)
+        self._version += 1
 
     def mark_zero(self, pages: np.ndarray) -> None:
         p = _index(pages)

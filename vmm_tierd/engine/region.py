@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +15,9 @@ import trio
 from ..kernel import uapi
 from ..kernel.api import Kernel, KernelError, MemType, Region, Strategy
 from ..settings import RegionSettings, TrackingSettings
+from . import policy as policy_bits
 from .observer import NullObserver, Observer
+from .store import RecordError
 from .tracker import OPTIONAL_FEATURES, Tracker, make_tracker, runs, tracker_class
 
 if TYPE_CHECKING:
@@ -24,10 +26,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vmm_tierd.engine")
 
+# Bits of the ``flags`` view (tests, benchmarks); the state itself lives in the policy's
+# state byte (PagePolicy.gone / once), so the engine keeps no per-page bytes of its own.
 EVICTED = 1  # the record is committed and the page is gone from memory
 ONCE = 2  # evicted since it was last known empty: an absent page is NOT zero memory
 STAGING_PAGES = 4096  # pages per eviction batch (16 MiB of staging for anon)
 RESTORE_CHUNK = 256
+FEW = 64  # up to this many pages faulted back, the policy hears page by page (cheaper)
 
 
 @dataclass(eq=False)
@@ -68,10 +73,9 @@ class RegionCore:
         self.policy = policy
         self.ps = kernel.page_size
         self.npages = rs.size_bytes // self.ps
-        self.flags = np.zeros(self.npages, dtype=np.uint8)
         self.inflight: dict[int, tuple[Batch, int]] = {}
         self.pending_delete: list[int] = []
-        self.back: list[int] = []  # faulted back from the store, policy not told yet
+        self.back: list[int] = []  # faulted back from the store (OUT cleared), policy not told yet
         self.poisoned_pages: set[int] = set()
         self.c = Counters()
         self.region: Region | None = None
@@ -95,9 +99,22 @@ class RegionCore:
     def memfd(self) -> bool:
         return self.settings.memtype is MemType.MEMFD
 
+    @property
+    def flags(self) -> np.ndarray:
+        """uint8[npages] of EVICTED | ONCE, derived from the policy's state (a copy)."""
+        st = self.policy.state
+        once = (st & (policy_bits.EVICTED | policy_bits.ONCE)) != 0
+        return self.policy.gone_mask().view(np.uint8) | (once.view(np.uint8) << 1)
+
+    @property
+    def metadata_bytes_per_page(self) -> float:
+        """Every per-page byte the engine keeps for this region (policy + engine)."""
+        return self.policy.metadata_bytes_per_page
+
     def count_fault(self, kind: str, t_read: float) -> None:
-        self.c.faults[kind] = self.c.faults.get(kind, 0) + 1
-        self.obs.fault_served(self.name, kind, time.perf_counter() - t_read)
+        f = self.c.faults
+        f[kind] = f.get(kind, 0) + 1
+        self.obs.fault_served(self.name, kind, perf_counter() - t_read)
 
     def kerr(self, e: KernelError, where: str) -> None:
         self.c.errors += 1
@@ -141,7 +158,7 @@ class RegionCore:
             return
         log.error("region %s: page %d (addr 0x%x) unrecoverable (%s): poisoned",
                   self.name, p, addr, why)
-        self.flags[p] &= ~np.uint8(EVICTED)
+        self.policy.back_one(p)  # no longer served from the store; the policy keeps it evicted
         self.poisoned_pages.add(p)
         self.pending_delete.append(p)
         self.c.poisoned += 1
@@ -149,27 +166,24 @@ class RegionCore:
 
     def mark_back(self, pages: np.ndarray) -> None:
         """Pages that came back into memory from the store."""
-        self.flags[pages] &= ~np.uint8(EVICTED)
         refaults = self.policy.mark_resident(pages)
         if refaults:
             self.c.refaults += refaults
             self.obs.refault(self.name, refaults)
         self.pending_delete.extend(pages.tolist())
 
-    def back_one(self, p: int) -> None:
-        """A page came back from the store (fault path); the policy hears in bulk."""
-        self.flags[p] &= ~np.uint8(EVICTED)
-        self.back.append(p)
-
     def flush_back(self) -> None:
-        if self.back:
-            pages = np.asarray(self.back, dtype=np.uint64)
+        back = self.back
+        if back:
             self.back = []
-            refaults = self.policy.mark_resident(pages)
+            if len(back) <= FEW:
+                refaults = self.policy.mark_resident_few(back)
+            else:
+                refaults = self.policy.mark_resident(np.asarray(back, dtype=np.uint64))
             if refaults:
                 self.c.refaults += refaults
                 self.obs.refault(self.name, refaults)
-            self.pending_delete.extend(pages.tolist())
+            self.pending_delete.extend(back)
 
     def forget_range(self, start: int, end: int) -> None:
         """The guest discarded [start, end) (REMOVE on anon, UNMAP): absent now means zero."""
@@ -184,12 +198,12 @@ class RegionCore:
             if ent is not None:
                 batch, i = ent
                 batch.reclaimed[i] = True  # its record is deleted after the commit
-        sl = self.flags[first:last]
-        was = np.flatnonzero(sl & EVICTED) + first
-        sl[:] = 0
+        self.flush_back()
+        was = np.flatnonzero(self.policy.gone_mask(slice(first, last))) + first
         if len(was):
             self.policy.mark_resident(was.astype(np.uint64))
             self.pending_delete.extend(was.tolist())
+        self.policy.forget(first, last)
         log.info("region %s: guest discarded pages [%d, %d): %d records dropped",
                  self.name, first, last, len(was))
 
@@ -199,7 +213,7 @@ class RegionCore:
             return np.zeros(0, dtype=np.uint64)
         pages = np.unique(np.asarray(self.pending_delete, dtype=np.uint64))
         self.pending_delete = []
-        return pages[(self.flags[pages] & EVICTED) == 0]
+        return pages[~self.policy.gone_mask(pages)]
 
     def apply_tracking(self) -> None:
         if self.pending_tracking is not None:
@@ -268,23 +282,21 @@ class RegionCore:
         """Bring every evicted page back (COPY/ZEROPAGE in runs); returns pages restored."""
         done = 0
         ps = self.ps
-        ev = np.flatnonzero(self.flags & EVICTED).astype(np.uint64)
+        ev = np.flatnonzero(self.policy.gone_mask()).astype(np.uint64)
         for first, count, _ in runs(ev):
             for off in range(0, count, RESTORE_CHUNK):
                 n = min(RESTORE_CHUNK, count - off)
                 done += self._restore_run(first + off, n, ps)
                 await trio.lowlevel.checkpoint()
-        left = int(np.count_nonzero(self.flags & EVICTED))
+        left = int(np.count_nonzero(self.policy.gone_mask()))
         if left:
             log.error("region %s: %d pages could not be restored; their records stay",
                       self.name, left)
         return done
 
     def _restore_run(self, first: int, n: int, ps: int) -> int:
-        from .store import RecordError
-
         pages = np.arange(first, first + n, dtype=np.uint64)
-        pages = pages[(self.flags[pages] & EVICTED) != 0]  # the fault server may have won
+        pages = pages[self.policy.gone_mask(pages)]  # the fault server may have won
         got: list[tuple[int, bytes | None]] = []
         for p in pages.tolist():
             try:

@@ -67,6 +67,9 @@ class PageStore:
         self.compact_in_put = compact_in_put
         self._wlock = threading.Lock()
         self._local = threading.local()
+        self._gen = 0  # bumped after every commit: a reused read txn renews when it moved
+        self._readers: set[lmdb.Transaction] = set()  # every thread's, aborted at close
+        self._rlock = threading.Lock()  # for _readers: never waits for a write txn
         self._closed = True
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -171,6 +174,7 @@ class PageStore:
                 with self._env.begin(write=True) as txn:
                     result = fn(txn, delta)
                     self._log.finish(txn, delta)
+                self._gen += 1
             except lmdb.MapFullError as e:
                 raise StoreFullError(
                     f"{self.path}: LMDB map full during {what}, nothing of it was written; "
@@ -260,10 +264,41 @@ class PageStore:
             self._write(what, put)
         return PutResult(n, counts.zero, counts.raw, counts.compressed)
 
+    def _reader(self) -> lmdb.Transaction:
+        """This thread's read txn, reused until released or until a write committed (so a
+        page whose put_batch returned is always found). py-lmdb has no reset()/renew(), but
+        keeps an aborted read txn as a spare that the next begin() renews: same effect."""
+        loc = self._local
+        txn = getattr(loc, "rtxn", None)
+        if txn is not None:
+            if loc.gen == self._gen:
+                return txn
+            self.release_reader()
+        with self._rlock:
+            if self._closed:
+                raise lmdb.Error("store is closed")
+            gen = self._gen  # read before begin: a commit in between renews next time
+            txn = self._env.begin(buffers=True)
+            self._readers.add(txn)
+        loc.rtxn, loc.gen = txn, gen
+        return txn
+
+    def release_reader(self) -> None:
+        """Let go of this thread's read snapshot (the engine calls it after each burst of
+        faults): a long-held snapshot keeps LMDB from reusing freed pages."""
+        loc = self._local
+        txn = getattr(loc, "rtxn", None)
+        if txn is not None:
+            loc.rtxn = None
+            with self._rlock:
+                self._readers.discard(txn)
+                if not self._closed:
+                    txn.abort()
+
     def get(self, region: int, page: int) -> bytes | None:
         key = KEY.pack(region, page)
         try:
-            txn = self._env.begin(buffers=True)  # abort() is cheaper than a with-exit
+            txn = self._reader()
             try:
                 iv = txn.get(key, db=self._idx)
                 if iv is None:
@@ -286,8 +321,9 @@ class PageStore:
                     out = bytes(sv[off:off + ln])
                 else:
                     raise self._bad(region, page, f"unknown record kind {kind}")
-            finally:
-                txn.abort()
+            except lmdb.Error:
+                self.release_reader()  # don't reuse a txn in an unknown state
+                raise
         except lmdb.Error as e:
             raise self._bad(region, page, f"lmdb: {e}") from e
         if len(out) != PAGE:
@@ -389,7 +425,15 @@ class PageStore:
         with self._wlock:
             if self._closed:
                 return
-            self._closed = True
+            with self._rlock:
+                self._closed = True
+                self._gen += 1
+                for txn in self._readers:  # no read txn may outlive its env
+                    try:
+                        txn.abort()
+                    except lmdb.Error:
+                        pass
+                self._readers.clear()
             self._env.close()
             os.close(self._lockfd)
 

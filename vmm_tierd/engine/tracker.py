@@ -13,24 +13,12 @@ import numpy as np
 
 from ..kernel import uapi
 from ..kernel.api import Dialect, Kernel, MemType, Region, Strategy
+from .policy import PagePolicy
 
 # Asked for on every uffd when granted; none of them is required.
 OPTIONAL_FEATURES = (uapi.UFFD_FEATURE_THREAD_ID | uapi.UFFD_FEATURE_EVENT_REMOVE
                      | uapi.UFFD_FEATURE_EVENT_UNMAP | uapi.UFFD_FEATURE_MOVE
                      | uapi.UFFD_FEATURE_POISON)
-
-
-def ranges_to_mask(regions: np.ndarray, base: int, npages: int, page_size: int) -> np.ndarray:
-    """bool[npages] from PAGEMAP_SCAN (start, end, categories) rows (non-overlapping)."""
-    d = np.zeros(npages + 1, dtype=np.int32)
-    if len(regions):
-        s = ((regions[:, 0] - base) // page_size).astype(np.int64)
-        e = ((regions[:, 1] - base) // page_size).astype(np.int64)
-        np.clip(s, 0, npages, out=s)
-        np.clip(e, 0, npages, out=e)
-        np.add.at(d, s, 1)
-        np.add.at(d, e, -1)
-    return np.cumsum(d[:-1]) > 0
 
 
 def runs(pages: np.ndarray) -> list[tuple[int, int, int]]:
@@ -86,9 +74,13 @@ class Tracker:
         """Resolve a tracking fault (RWP/MINOR/WP flag) on a page that stays resident."""
         self.k.uffd_wake(self.fd, addr, self.ps)
 
-    def _mask(self, **kw: int) -> np.ndarray:
+    def _scan(self, **kw: int) -> np.ndarray:
         r = self.k.pagemap_scan(self.region.addr, self.region.addr + self.region.length, **kw)
-        return ranges_to_mask(r.regions, self.region.addr, self.npages, self.ps)
+        return r.regions
+
+    def _mask(self, regions: np.ndarray, clear: np.ndarray | None = None) -> np.ndarray:
+        return PagePolicy.ranges_to_mask(regions, self.region.addr, self.npages, self.ps,
+                                         clear)
 
 
 class RwpTracker(Tracker):
@@ -122,22 +114,22 @@ class RwpTracker(Tracker):
 
     def scan_cold(self) -> np.ndarray:
         if not self.rfc:
-            accessed = self._mask(category_mask=uapi.PAGE_IS_ACCESSED,
+            accessed = self._scan(category_mask=uapi.PAGE_IS_ACCESSED,
                                   return_mask=uapi.PAGE_IS_ACCESSED)
             # Only a mapped (present) page is protected. On memfd a page that is cached but
             # unmapped would be mapped by an access without any uffd fault (no MINOR
             # registration here), even in sync mode: it must never be a victim.
-            present = self._mask(category_mask=uapi.PAGE_IS_PRESENT,
-                                 return_mask=uapi.PAGE_IS_PRESENT)
-            return present & ~accessed
+            present = self._mask(self._scan(category_mask=uapi.PAGE_IS_PRESENT,
+                                            return_mask=uapi.PAGE_IS_PRESENT))
+            return self._mask(accessed, clear=present)
         if self.memfd:
             # RFC: DEACTIVATE zaps shmem PTEs; a page still unmapped was not touched. Pages
             # evicted or never populated are absent too - the caller masks by engine state.
-            present = self._mask(category_mask=uapi.PAGE_IS_PRESENT,
-                                 return_mask=uapi.PAGE_IS_PRESENT)
+            present = self._mask(self._scan(category_mask=uapi.PAGE_IS_PRESENT,
+                                            return_mask=uapi.PAGE_IS_PRESENT))
             return ~present
-        return self._mask(category_mask=uapi.PAGE_IS_UFFD_DEACTIVATED,
-                          return_mask=uapi.PAGE_IS_UFFD_DEACTIVATED)
+        return self._mask(self._scan(category_mask=uapi.PAGE_IS_UFFD_DEACTIVATED,
+                                     return_mask=uapi.PAGE_IS_UFFD_DEACTIVATED))
 
     def hold(self) -> None:
         self.k.uffd_set_mode(self.fd, 0, uapi.UFFD_FEATURE_RWP_ASYNC)
@@ -182,11 +174,11 @@ class WpTracker(Tracker):
 
     def scan_cold(self) -> np.ndarray:
         # PAGEMAP_SCAN sees writes only before 7.3: a page merely read looks cold.
-        written = self._mask(category_mask=uapi.PAGE_IS_WRITTEN,
+        written = self._scan(category_mask=uapi.PAGE_IS_WRITTEN,
                              return_mask=uapi.PAGE_IS_WRITTEN, flags=uapi.PM_SCAN_WP_MATCHING)
-        present = self._mask(category_mask=uapi.PAGE_IS_PRESENT,
-                             return_mask=uapi.PAGE_IS_PRESENT)
-        return present & ~written
+        present = self._mask(self._scan(category_mask=uapi.PAGE_IS_PRESENT,
+                                        return_mask=uapi.PAGE_IS_PRESENT))
+        return self._mask(written, clear=present)
 
     def resolve(self, addr: int) -> None:
         if self.memfd:
