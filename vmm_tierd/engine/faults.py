@@ -201,24 +201,13 @@ class FaultServer:
             core.poison(p, "record missing")
             core.count_fault("poison", t_read)
             return DONE
-        kind = "store"
-        try:
-            if data is None:
-                kind = "zero"
-                core.zero_fill(addr, self.ps)
-            else:
-                core.k.uffd_copy(core.fd, addr, data, 0)
-        except KernelError as e:
-            if e.errno != errno.EEXIST:
-                raise
-            core.k.uffd_wake(core.fd, addr, self.ps)
-            kind = "wake"
+        self._fill(p, addr, data, "zero" if data is None else "store", t_read)
         self.st[p] &= NOT_OUT  # back in memory; the policy hears in bulk (flush_back)
         core.back.append(p)
-        core.count_fault(kind, t_read)
         return DONE
 
     def _fill(self, p: int, addr: int, data: bytes | None, kind: str, t_read: float) -> int:
+        """COPY (or zero-fill) the page; EEXIST means it raced in already: just wake."""
         core = self.core
         try:
             if data is None:
