@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         t_build = time.monotonic() - t0
         cfg = boot.VmConfig(vmlinuz=bundle.vmlinuz, initrd=initrd, memory=args.memory,
                             cpus=args.cpus, idle_timeout=args.idle_timeout,
-                            deadline=args.timeout)
+                            deadline=args.timeout, project=plan.project)
         log(f"booting {bundle.version} under TCG ({args.cpus} vCPUs, {args.memory}); "
             f"in the guest: pytest {' '.join(plan.pytest_args)}")
         if os.environ.get("KERNEL_VM_DEBUG"):

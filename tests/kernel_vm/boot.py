@@ -30,6 +30,7 @@ class VmConfig:
     memory: str = "2G"
     cpus: int = 2
     share: str = "/"
+    project: str | None = None      # the checkout, shared on its own (it may sit under /tmp)
     idle_timeout: float = 300.0     # no console output for this long -> the guest is stuck
     deadline: float = 1200.0        # whole run, QEMU start to power-off
     boot_timeout: float = 180.0     # QEMU start to /init (stock 7.3 under TCG: about 5-10 s)
@@ -44,6 +45,8 @@ def qemu_command(cfg: VmConfig) -> list[str]:
         "-kernel", str(cfg.vmlinuz), "-initrd", str(cfg.initrd), "-append", CMDLINE,
         "-virtfs", f"local,path={cfg.share},mount_tag=hostroot,security_model=none,"
                    "readonly=on,multidevs=remap",
+        *(["-virtfs", f"local,path={cfg.project},mount_tag=project,security_model=none,"
+                       "readonly=on,multidevs=remap"] if cfg.project else []),
         "-device", "virtio-rng-pci",
         *cfg.extra,
     ]

@@ -157,6 +157,13 @@ then echo "root: host / over 9p (read-only) under a tmpfs overlay"
 else echo "overlay failed; root: host / over 9p, read-only"; mount --bind /host /newroot
 fi
 for d in proc sys dev tmp; do mount --bind /$d /newroot/$d || fail "bind /$d"; done
+# The checkout has its own share: CI may clone it under /tmp, which the guest's tmpfs hides.
+proj={shlex.quote(plan.project)}; k=/tmp/.kvm
+mkdir -p $k/proj $k/pupper $k/pwork "/newroot$proj"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 project $k/proj \\
+  || fail 'mount 9p project'
+mount -t overlay overlay -o lowerdir=$k/proj,upperdir=$k/pupper,workdir=$k/pwork "/newroot$proj" \\
+  || mount --bind $k/proj "/newroot$proj" || fail 'mount project'
 mkdir -p /dev/shm /tmp/home
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm || true
 if [ -c /dev/userfaultfd ]; then echo "/dev/userfaultfd present"
