@@ -22,11 +22,14 @@ import errno as _errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from . import uapi
+
+if TYPE_CHECKING:
+    from .process import Process
 
 PAGE_SIZE = 4096
 
@@ -73,15 +76,72 @@ class ApiInfo:
     ioctls: int  # bit n set => ioctl nr n available
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Owner:
+    """The process whose address space a guest region lives in. ``start_time`` (field 22
+    of /proc/PID/stat, clock ticks since boot) tells a reused pid from the process that
+    had it. ``SELF`` (pid 0) is this process."""
+
+    pid: int
+    start_time: int = 0
+
+    @property
+    def is_self(self) -> bool:
+        return self.pid == 0
+
+    def __str__(self) -> str:
+        return "self" if self.is_self else f"pid {self.pid} (start {self.start_time})"
+
+
+SELF = Owner(0, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Region:
-    """A mapping made through the kernel interface."""
+    """A guest memory region, the contract between components (as Firecracker's region
+    descriptor is): whose address space it lives in, where, how long, its page size, and
+    for memfd-backed memory the file and the offset of ``addr`` in it.
 
-    addr: int
+    ``fd`` is *this* process's fd of the memfd (for a region in another process: the copy
+    ``Process.getfd`` made). It is not part of the serialised form, which names the file
+    by ``owner_fd``, the owner's fd number, instead.
+    """
+
+    addr: int  # in the owner's address space
     length: int
     memtype: MemType
-    fd: int = -1  # memfd for MEMFD, else -1
-    offset: int = 0  # offset of addr within fd
+    fd: int = -1  # this process's fd of the memfd (MEMFD), else -1
+    offset: int = 0  # offset of addr within the memfd
+    owner: Owner = SELF
+    page_size: int = PAGE_SIZE
+    owner_fd: int = -1  # the owner's fd number of the memfd (another process), else -1
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.length
+
+    @property
+    def npages(self) -> int:
+        return self.length // self.page_size
+
+    def to_dict(self) -> dict[str, object]:
+        return {"addr": self.addr, "length": self.length, "memtype": self.memtype.value,
+                "offset": self.offset, "owner_pid": self.owner.pid,
+                "owner_start_time": self.owner.start_time, "page_size": self.page_size,
+                "owner_fd": self.owner_fd}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object], fd: int = -1) -> Region:
+        def num(key: str) -> int:
+            v = d[key]
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"region descriptor: {key} must be an integer, got {v!r}")
+            return v
+
+        return cls(addr=num("addr"), length=num("length"), memtype=MemType(d["memtype"]),
+                   fd=fd, offset=num("offset"),
+                   owner=Owner(num("owner_pid"), num("owner_start_time")),
+                   page_size=num("page_size"), owner_fd=num("owner_fd"))
 
 
 # ---- uffd messages ----------------------------------------------------------------------
@@ -255,6 +315,10 @@ class Workload(Protocol):
 # ---- the kernel -------------------------------------------------------------------------
 @runtime_checkable
 class Kernel(Protocol):
+    """What the engine uses. Address-space operations (map, madvise, pagemap_scan,
+    read_unregistered) act on this process; uffd operations act on the uffd's context,
+    which is the address space of the process that created the uffd, whoever calls."""
+
     name: str  # "linux", "fake-rwp", "fake-rfc"
     dialect: Dialect  # detected (linux) or chosen (fake)
     page_size: int
@@ -269,6 +333,12 @@ class Kernel(Protocol):
         """Read through the file, not the mapping: never faults on a registered range."""
         ...
 
+    def file_data_runs(self, fd: int, offset: int, length: int) -> np.ndarray:
+        """(n, 2) int64 array of [start, end) byte ranges of ``fd`` within
+        [offset, offset + length) that hold data (SEEK_DATA/SEEK_HOLE): on a memfd, the
+        pages in the page cache; everything else is a hole."""
+        ...
+
     def read_unregistered(self, addr: int, length: int) -> bytes:
         """Copy bytes out of memory that is present and not protected (e.g. staging)."""
         ...
@@ -276,6 +346,11 @@ class Kernel(Protocol):
     # -- userfaultfd
     def uffd_open(self, *, user_mode_only: bool = False) -> int: ...
     def uffd_api(self, fd: int, features: int) -> ApiInfo: ...
+    def uffd_features(self, fd: int) -> int | None:
+        """Features enabled on this process's uffd ``fd`` (/proc/self/fdinfo), or None if
+        UFFDIO_API has not been done on it yet (then ``uffd_api`` may be called)."""
+        ...
+
     def uffd_close(self, fd: int) -> None: ...
     def uffd_register(self, fd: int, start: int, length: int, mode: int) -> int:
         """Returns the ioctls bitmask available on the range."""
@@ -288,7 +363,11 @@ class Kernel(Protocol):
     def uffd_wake(self, fd: int, start: int, length: int) -> None: ...
     def uffd_writeprotect(self, fd: int, start: int, length: int, mode: int) -> None: ...
     def uffd_continue(self, fd: int, start: int, length: int, mode: int = 0) -> int: ...
-    def uffd_move(self, fd: int, dst: int, src: int, length: int, mode: int = 0) -> int: ...
+    def uffd_move(self, fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
+        """EINVAL when the uffd's context is another process's mm (cross-mm moves are
+        refused), whatever the ranges."""
+        ...
+
     def uffd_poison(self, fd: int, start: int, length: int, mode: int = 0) -> int: ...
     def uffd_rwprotect(self, fd: int, start: int, length: int, mode: int) -> None:
         """7.3 RWPROTECT. Kernels without it answer an unknown uffd ioctl with EINVAL
@@ -311,16 +390,34 @@ class Kernel(Protocol):
                      return_mask: int = 0, flags: int = 0, max_pages: int = 0
                      ) -> ScanResult: ...
 
-    # -- guest side
-    def start_access(self, addr: int, kind: AccessKind, length: int = 1,
-                     data: bytes = b"") -> Access: ...
-    def start_workload(self, region: Region, spec: WorkloadSpec) -> Workload: ...
+    # -- other processes (see process.py)
+    def open_process(self, pid: int) -> Process:
+        """A handle on process ``pid`` (pidfd, /proc, ptrace). ESRCH if it doesn't exist,
+        EPERM without the privilege to trace it."""
+        ...
 
     def capabilities(self) -> Capabilities:
         """Features this kernel grants (probed on a fresh uffd) and the strategy they allow."""
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class GuestSide(Protocol):
+    """Accesses made as a guest would make them: by threads of this process that touch
+    memory from C with the GIL released (linux) or by simulated vCPUs (fake). Only tests,
+    benchmarks and the built-in demo workload use these; the engine never does."""
+
+    def start_access(self, addr: int, kind: AccessKind, length: int = 1,
+                     data: bytes = b"") -> Access: ...
+    def start_workload(self, region: Region, spec: WorkloadSpec) -> Workload: ...
+
+
+@runtime_checkable
+class Backend(Kernel, GuestSide, Protocol):
+    """A whole backend (what ``open_kernel`` returns): the engine's kernel interface plus
+    the guest side."""
 
 
 def dialect_names(dialect: Dialect) -> dict[int, str]:

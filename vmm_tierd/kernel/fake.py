@@ -58,6 +58,7 @@ from .fake_state import (
     MemFile,
     materialize,
 )
+from .process import Process
 
 _NOOP_ADVICE = {0, 1, 2, 3, uapi.MADV_HUGEPAGE, uapi.MADV_NOHUGEPAGE, uapi.MADV_COLD,
                 uapi.MADV_PAGEOUT}  # NORMAL, RANDOM, SEQUENTIAL, WILLNEED, ...
@@ -247,6 +248,20 @@ class FakeKernel(OpsMixin, ScanMixin, GuestMixin):
                 raise KernelError("pread", errno.EIO, len(out), f"short read at offset {end}")
             return bytes(out)
 
+    def file_data_runs(self, fd: int, offset: int, length: int) -> np.ndarray:
+        with self.lock:
+            self.enter("lseek(SEEK_DATA)")
+            f = self.files.get(fd)
+            if f is None:
+                raise KernelError("lseek(SEEK_DATA)", errno.EBADF, 0, f"fd {fd}")
+            lo, hi = offset // PAGE, min(-(-(offset + length) // PAGE), len(f.cached))
+            c = f.cached[lo:hi].view(np.int8)
+            edges = np.flatnonzero(np.diff(c, prepend=0, append=0))
+            runs = edges.reshape(-1, 2).astype(np.int64) + lo
+            runs *= PAGE
+            np.clip(runs, offset, offset + length, out=runs)
+            return runs
+
     def read_unregistered(self, addr: int, length: int) -> bytes:
         """Bytes of present, accessible pages; EFAULT where a real load would fault."""
         op = "read_unregistered"
@@ -266,6 +281,10 @@ class FakeKernel(OpsMixin, ScanMixin, GuestMixin):
                 out += materialize(m.get_content(pg))[off:off + n]
                 pos += n
             return bytes(out)
+
+    # ---- other processes --------------------------------------------------------------
+    def open_process(self, pid: int) -> Process:
+        raise NotImplementedError("open_process: not implemented yet")
 
     # ---- capabilities / close -----------------------------------------------------------
     def capabilities(self) -> Capabilities:

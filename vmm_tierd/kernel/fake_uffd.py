@@ -88,6 +88,10 @@ class UffdMixin(FakeState):
             u.features = features
             return ApiInfo(features=avail, ioctls=self.api_ioctls())
 
+    def uffd_features(self, fd: int) -> int | None:
+        with self.lock:
+            return self.ctx("fdinfo", fd, need_api=False).features
+
     def uffd_close(self, fd: int) -> None:
         with self.lock:
             self.enter("close")

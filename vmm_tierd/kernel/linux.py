@@ -37,6 +37,7 @@ from .api import (
     choose_strategy,
     dialect_names,
 )
+from .process import Process
 
 from vmm_tierd._native import ffi, lib  # isort: skip
 
@@ -130,6 +131,9 @@ class LinuxKernel:
             raise KernelError("pread", errno.EIO, n, f"short read at offset {offset + n}")
         return ffi.buffer(buf, length)[:]
 
+    def file_data_runs(self, fd: int, offset: int, length: int) -> np.ndarray:
+        return _data_runs(fd, offset, offset + length)
+
     def read_unregistered(self, addr: int, length: int) -> bytes:
         buf = _alloc("char[]", length)
         lib.vt_memcpy_out(buf, addr, length)
@@ -151,6 +155,9 @@ class LinuxKernel:
         if ret < 0:
             raise KernelError("UFFDIO_API", -ret, 0, f"fd {fd}, features 0x{features:x}")
         return ApiInfo(int(arg.features), int(arg.ioctls))
+
+    def uffd_features(self, fd: int) -> int | None:
+        return fdinfo_uffd_features(f"/proc/self/fdinfo/{fd}", fd)
 
     def uffd_close(self, fd: int) -> None:
         _check("close(uffd)", lib.vt_close(fd))
@@ -334,6 +341,10 @@ class LinuxKernel:
         result: Workload = start_workload(self, region, spec)
         return result
 
+    # ---- other processes ------------------------------------------------------------
+    def open_process(self, pid: int) -> Process:
+        raise NotImplementedError("open_process: not implemented yet")
+
     # ---- capabilities ---------------------------------------------------------------
     def _probe(self) -> Capabilities:
         """UFFDIO_API with features=0 on a fresh uffd reports every supported feature
@@ -364,6 +375,54 @@ class LinuxKernel:
         if self._pagemap >= 0:
             lib.vt_close(self._pagemap)
             self._pagemap = -1
+
+
+UFFD_FEATURE_INITIALIZED = 1 << 31  # kernel-internal: set in ctx->features by UFFDIO_API
+
+
+def fdinfo_uffd_features(path: str, fd: int) -> int | None:
+    """The ``API:`` line of a uffd's fdinfo is ``UFFD_API:ctx->features:ioctls`` in hex.
+    ctx->features carries the kernel-internal UFFD_FEATURE_INITIALIZED bit once UFFDIO_API
+    has been done (measured on 6.18); before that the features read 0. It also shows
+    WP_UNPOPULATED, which the kernel adds by itself whenever WP_ASYNC is asked for."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise KernelError("fdinfo", errno.EBADF, 0, f"fd {fd}") from None
+    except OSError as e:
+        raise KernelError("fdinfo", e.errno or errno.EIO, 0, path) from None
+    for line in text.splitlines():
+        if line.startswith("API:"):
+            features = int(line.split()[1].split(":")[1], 16)
+            if not features & UFFD_FEATURE_INITIALIZED:
+                return None
+            return features & ~UFFD_FEATURE_INITIALIZED
+    raise KernelError("fdinfo", errno.EBADF, 0, f"fd {fd} is not a userfaultfd ({path})")
+
+
+def _data_runs(fd: int, start: int, end: int) -> np.ndarray:
+    """SEEK_DATA/SEEK_HOLE walk: O(runs), never a page at a time."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            lo = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after pos
+                break
+            raise KernelError("lseek(SEEK_DATA)", e.errno or errno.EIO, 0,
+                              f"fd {fd}, offset 0x{pos:x}") from None
+        if lo >= end:
+            break
+        try:
+            hi = os.lseek(fd, lo, os.SEEK_HOLE)
+        except OSError as e:
+            raise KernelError("lseek(SEEK_HOLE)", e.errno or errno.EIO, 0,
+                              f"fd {fd}, offset 0x{lo:x}") from None
+        out.append((lo, min(hi, end)))
+        pos = hi
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
 def _merge(parts: list[np.ndarray]) -> np.ndarray:
