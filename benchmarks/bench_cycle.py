@@ -2,7 +2,7 @@
 kernel's own PAGEMAP_SCAN time over the same region with the same arguments (see run.py).
 
 A real anonymous region (1 GiB quick, 4 GiB full) is registered by the engine's own
-RegionCore.setup on this host's strategy, filled, and before every measurement C threads
+RegionRunner.setup on this host's strategy, filled, and before every measurement C threads
 (faulter.c) write 20% of its pages at random. Measured, interleaved round by round:
 - engine: ``Tracker.begin_interval`` + ``RegionRunner._one_cycle`` (delete flush, scan,
   policy observe/select, and in the second phase a batch of evictions), fault server on;
@@ -30,9 +30,14 @@ if str(HERE.parent) not in sys.path:  # run as a script
 from bench_faults import Faulter, build_c  # noqa: E402
 from bench_store import guest_pages  # noqa: E402
 
-from vmm_tierd.engine.daemon import RegionRunner  # noqa: E402
-from vmm_tierd.engine.policy import PagePolicy  # noqa: E402
-from vmm_tierd.engine.region import RegionCore  # noqa: E402
+from vmm_tierd.engine.cycle import Cycle  # noqa: E402
+from vmm_tierd.engine.evict import Evictor  # noqa: E402
+from vmm_tierd.engine.faults import FaultServer  # noqa: E402
+from vmm_tierd.engine.guest import LocalGuest  # noqa: E402
+from vmm_tierd.engine.observer import NullObserver  # noqa: E402
+from vmm_tierd.engine.ranges import ranges_to_mask  # noqa: E402
+from vmm_tierd.engine.region import RegionCtx  # noqa: E402
+from vmm_tierd.engine.runner import RegionRunner  # noqa: E402
 from vmm_tierd.engine.store import PageStore  # noqa: E402
 from vmm_tierd.kernel import uapi  # noqa: E402
 from vmm_tierd.kernel.api import MemType, Strategy  # noqa: E402
@@ -77,8 +82,10 @@ class CycleBench:
         tracking = TrackingSettings(interval_s=INTERVAL_S, min_age=255, refault_hold=0)
         rs = RegionSettings(name="cycle", size_bytes=gib << 30, memtype=MemType.ANON,
                             workload_enabled=False)
-        self.core = RegionCore(self.k, rs, caps.strategy, tracking, self.store, None,
-                               PagePolicy(self.npages, tracking, PAGE))
+        self.runner = RegionRunner(self.k, LocalGuest(self.k, rs), strategy=caps.strategy,
+                                   granted=caps.features, tracking=tracking,
+                                   store=self.store, observer=NullObserver())
+        self.r: RegionCtx | None = None
         self.rng = np.random.default_rng(17)
         nw = int(WRITTEN * self.npages)
         # a pool of random 20% subsets (drawing one costs more than a scan)
@@ -87,8 +94,13 @@ class CycleBench:
         self.nwrites = 0
         self.vec = np.zeros((self.npages // 2 + 2, 3), dtype=np.uint64)
 
+    @property
+    def core(self) -> RegionCtx:
+        assert self.r is not None
+        return self.r
+
     def close(self) -> None:
-        self.core.teardown(True, True)
+        self.runner.guest.teardown(True)
         self.store.close()
         self.k.close()
 
@@ -97,38 +109,36 @@ class CycleBench:
         chunk = guest_pages(FILL_CHUNK, seed=3).tobytes()
         for off in range(0, self.npages, FILL_CHUNK):
             n = min(FILL_CHUNK, self.npages - off)
-            self.k.uffd_copy(core.fd, core.base + off * PAGE, chunk[:n * PAGE], 0)
+            self.k.uffd_copy(core.uffd.fd, core.uffd.addr(off), chunk[:n * PAGE], 0)
 
     async def write(self) -> None:
         pages = self.subsets[self.nwrites % len(self.subsets)]
         self.nwrites += 1
-        await self.faulter.run(self.core.base, pages, 2, True)
+        await self.faulter.run(self.core.uffd.base, pages, 2, True)
 
-    async def engine_cycle(self, runner: RegionRunner) -> tuple[float, dict[str, float]]:
-        tr = self.core.tracker
-        assert tr is not None
+    async def engine_cycle(self, cycle: Cycle) -> tuple[float, dict[str, float]]:
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
-        tr.begin_interval()
-        await runner._one_cycle(INTERVAL_S, phases)
+        self.core.tracker.begin_interval()
+        await cycle.one(INTERVAL_S, phases)
         return time.perf_counter() - t0, phases
 
     def py_scan(self) -> tuple[float, float, float]:
         """The tracker's two scans, bare; (both, the WP_MATCHING one) in s; then the time
-        PagePolicy.ranges_to_mask (the engine's one implementation) takes on the written
+        ranges_to_mask (the engine's one implementation) takes on the written
         scan's result."""
-        base, end = self.core.base, self.core.base + self.npages * PAGE
+        base, end = self.core.uffd.base, self.core.uffd.region.end
         t0 = time.perf_counter()
         w = self.k.pagemap_scan(base, end, **WRITTEN_SCAN)
         t1 = time.perf_counter()
         self.k.pagemap_scan(base, end, **PRESENT_SCAN)
         t2 = time.perf_counter()
-        PagePolicy.ranges_to_mask(w.regions, base, self.npages, PAGE)
+        ranges_to_mask(w.regions, base, self.npages, PAGE)
         t3 = time.perf_counter()
         return t2 - t0, t1 - t0, t3 - t2
 
     def c_scan(self) -> tuple[float, float]:
-        base, end = self.core.base, self.core.base + self.npages * PAGE
+        base, end = self.core.uffd.base, self.core.uffd.region.end
         total = 0
         out = []
         for kw in (WRITTEN_SCAN, PRESENT_SCAN):
@@ -141,10 +151,10 @@ class CycleBench:
         return total / 1e9, out[0] / 1e9
 
     async def run(self, rounds: int) -> dict[str, Any]:
-        core = self.core
-        core.setup(self.granted)
+        core = self.r = self.runner.setup()
         self.fill()
-        runner = RegionRunner(core, self.granted)
+        faults = FaultServer(core)
+        cycle = Cycle(core, Evictor(core))
         eng: list[float] = []
         eng_ph: list[dict[str, float]] = []
         py: list[tuple[float, float, float]] = []
@@ -153,32 +163,33 @@ class CycleBench:
         ev_ph: list[dict[str, float]] = []
         with trio.fail_after(TIMEOUT_S):
             async with trio.open_nursery() as n:
-                await n.start(runner.faults.serve)
+                await n.start(faults.serve)
                 await self.write()
-                await self.engine_cycle(runner)  # first scan: everything was written
+                await self.engine_cycle(cycle)  # first scan: everything was written
                 for _ in range(rounds):
                     await self.write()
-                    dt, ph = await self.engine_cycle(runner)
+                    dt, ph = await self.engine_cycle(cycle)
                     eng.append(dt)
                     eng_ph.append(ph)
                     await self.write()
                     py.append(self.py_scan())
                     await self.write()
                     c.append(self.c_scan())
-                if core.c.evictions:
-                    raise RuntimeError(f"{core.c.evictions} evictions with min_age 255")
-                core.pending_tracking = TrackingSettings(
+                if core.pages.counts.evicted:
+                    raise RuntimeError(f"{core.pages.counts.evicted} evictions with min_age "
+                                       "255")
+                cycle.update(TrackingSettings(
                     interval_s=INTERVAL_S, min_age=1, budget_pages=self.evict_batch,
-                    refault_hold=0)
-                core.apply_tracking()
+                    refault_hold=0))
+                cycle._apply()
                 for _ in range(rounds):
                     await self.write()  # some of its writes fault evicted pages back
-                    dt, ph = await self.engine_cycle(runner)
+                    dt, ph = await self.engine_cycle(cycle)
                     ev.append(dt)
                     ev_ph.append(ph)
                 n.cancel_scope.cancel()
         return {"eng": eng, "eng_ph": eng_ph, "py": py, "c": c, "ev": ev, "ev_ph": ev_ph,
-                "evictions": core.c.evictions, "faults": dict(core.c.faults)}
+                "evictions": core.pages.counts.evicted, "faults": dict(core.report.c.faults)}
 
 
 def bench_cycle(quick: bool) -> dict[str, Any]:
@@ -217,7 +228,7 @@ def bench_cycle(quick: bool) -> dict[str, Any]:
             "note": "PAGE_IS_WRITTEN with PM_SCAN_WP_MATCHING, raw ioctl from C"},
         "written mask ms/GiB": {
             "value": _med([x[2] for x in r["py"]]) * per, "unit": "ms",
-            "note": "PagePolicy.ranges_to_mask (the tracker's scan_cold uses it) on the "
+            "note": "ranges_to_mask (the tracker's scan uses it) on the "
                     "written scan's ranges"},
         f"cycle ms/GiB with {batch} evictions": {
             "value": _med(r["ev"]) * per, "unit": "ms",

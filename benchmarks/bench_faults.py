@@ -32,8 +32,10 @@ if str(HERE.parent) not in sys.path:  # run as a script
 from bench_store import guest_pages  # noqa: E402
 
 from vmm_tierd.engine.faults import FaultServer  # noqa: E402
-from vmm_tierd.engine.policy import PagePolicy  # noqa: E402
-from vmm_tierd.engine.region import RegionCore  # noqa: E402
+from vmm_tierd.engine.guest import LocalGuest  # noqa: E402
+from vmm_tierd.engine.observer import NullObserver  # noqa: E402
+from vmm_tierd.engine.region import RegionCtx, Report  # noqa: E402
+from vmm_tierd.engine.runner import RegionRunner  # noqa: E402
 from vmm_tierd.engine.store import PageStore  # noqa: E402
 from vmm_tierd.engine.tracker import OPTIONAL_FEATURES  # noqa: E402
 from vmm_tierd.kernel.api import MemType  # noqa: E402
@@ -167,39 +169,41 @@ class Bench:
         self.store.close()
         self.kernel.close()
 
-    def core(self) -> RegionCore:
-        policy = PagePolicy(self.npages, self.tracking, PAGE)
+    def core(self) -> tuple[RegionRunner, RegionCtx]:
         assert self.strategy is not None
-        core = RegionCore(self.kernel, self.rs, self.strategy, self.tracking, self.store,
-                          None, policy)
-        core.setup(self.granted)
-        assert core.tracker is not None
-        # What setup() asked UFFDIO_API for (core.features is what the kernel supports).
+        runner = RegionRunner(self.kernel, LocalGuest(self.kernel, self.rs),
+                              strategy=self.strategy, granted=self.granted,
+                              tracking=self.tracking, store=self.store,
+                              observer=NullObserver())
+        core = runner.setup()
+        # What setup() asked UFFDIO_API for (the features granted are what it supports).
         feats = (type(core.tracker).wanted(self.kernel.dialect, MemType.ANON)
                  | OPTIONAL_FEATURES) & self.granted
-        self.ref_args = (feats, core.tracker.register_mode(), int(core.zero_by_copy))
-        policy.mark_evicted(np.arange(self.npages, dtype=np.uint64))
+        self.ref_args = (feats, core.tracker.register_mode(), int(core.uffd.zero_by_copy))
+        everything = np.arange(self.npages, dtype=np.uint64)
+        core.pages.committed(core.pages.detached(everything, 0),
+                             np.zeros(self.npages, dtype=bool))
         self.meta = per_page_bytes(core)
-        return core
+        return runner, core
 
     def engine_round(self, order: np.ndarray, threads: int) -> Round:
         lat = np.zeros(len(order), dtype=np.uint64)
         words = np.zeros(len(order), dtype=np.uint64)
-        core = self.core()
+        runner, core = self.core()
         fs = FaultServer(core)
         try:
             async def main() -> int:
                 async with trio.open_nursery() as n:
                     await n.start(fs.serve)
-                    wall = await self.faulter.run(core.base, order, threads, False, words, lat)
+                    wall = await self.faulter.run(core.uffd.base, order, threads, False, words, lat)
                     n.cancel_scope.cancel()
                 return wall
 
             wall = trio.run(main)
         finally:
-            core.teardown(True, True)
-        info = {"faults": dict(core.c.faults), "reads": fs.reads, "msgs": fs.msgs,
-                "errors": core.c.errors}
+            runner.guest.teardown(True)
+        info = {"faults": dict(core.report.c.faults), "reads": fs.reads, "msgs": fs.msgs,
+                "errors": core.report.c.errors}
         return Round(lat, words, wall, info)
 
     def c_round(self, order: np.ndarray, threads: int) -> Round:
@@ -233,13 +237,13 @@ class Bench:
                                "wrong content")
 
 
-def per_page_bytes(core: RegionCore) -> float:
+def per_page_bytes(core: RegionCtx) -> float:
     """Bytes per guest page of every array the region's engine objects hold that grows
     with the region (numpy arrays, and buffers such as memoryviews of them, counted once
     per underlying allocation), measured, not declared."""
     seen: set[int] = set()
     total = 0
-    for obj in (core, core.policy, core.tracker):
+    for obj in (core, core.pages, core.tracker, core.uffd):
         for v in vars(obj).values():
             if isinstance(v, memoryview):
                 v = v.obj
@@ -356,7 +360,7 @@ def profile(npages: int = 16384) -> None:
             # class attributes, put back below (FaultServer is created per round)
             saved = {(cls, n): cls.__dict__[n] for cls, n in
                      ((FaultServer, "pull"), (FaultServer, "serve_one"),
-                      (FaultServer, "_from_store"), (RegionCore, "count_fault"))}
+                      (FaultServer, "_from_store"), (Report, "fault"))}
             for cls, n in saved:
                 _timed(cls, n, stages)
             order = rng.permutation(npages).astype(np.uint64)

@@ -24,7 +24,7 @@ from vmm_tierd.kernel import uapi as U
 from vmm_tierd.kernel.api import (
     Access,
     AccessKind,
-    Kernel,
+    Backend,
     KernelError,
     PageFault,
     Region,
@@ -47,7 +47,7 @@ def _hang_guard() -> Iterator[None]:
 class Obs:
     """Records what a backend answers, in a backend-neutral form."""
 
-    def __init__(self, k: Kernel, mt: str, pages: int) -> None:
+    def __init__(self, k: Backend, mt: str, pages: int) -> None:
         self.k = k
         self.out: dict[str, Any] = {}
         self.r: Region = k.map_anon(pages * PS) if mt == "anon" else k.map_memfd(pages * PS)
@@ -96,7 +96,7 @@ class Obs:
                          else repr(type(m)) for m in self.k.uffd_read(fd)]
 
 
-def scan_scenario(k: Kernel, mt: str) -> dict[str, Any]:
+def scan_scenario(k: Backend, mt: str) -> dict[str, Any]:
     o = Obs(k, mt, 1024)
     fd = k.uffd_open()
     k.uffd_api(fd, U.UFFD_FEATURE_WP_ASYNC | U.UFFD_FEATURE_POISON | U.UFFD_FEATURE_MOVE)
@@ -153,7 +153,7 @@ def scan_scenario(k: Kernel, mt: str) -> dict[str, Any]:
     return o.out
 
 
-def fault_scenario(k: Kernel, mt: str) -> dict[str, Any]:
+def fault_scenario(k: Backend, mt: str) -> dict[str, Any]:
     o = Obs(k, mt, 256)
     fd = k.uffd_open()
     k.uffd_api(fd, U.UFFD_FEATURE_EXACT_ADDRESS | U.UFFD_FEATURE_EVENT_REMOVE
@@ -218,7 +218,7 @@ def fault_scenario(k: Kernel, mt: str) -> dict[str, Any]:
     return o.out
 
 
-def error_scenario(k: Kernel, mt: str) -> dict[str, Any]:
+def error_scenario(k: Backend, mt: str) -> dict[str, Any]:
     o = Obs(k, mt, 256)
     fd = k.uffd_open()
     k.uffd_api(fd, U.UFFD_FEATURE_MOVE)
@@ -294,7 +294,7 @@ def error_scenario(k: Kernel, mt: str) -> dict[str, Any]:
     return o.out
 
 
-def marker_scenario(k: Kernel, mt: str) -> dict[str, Any]:
+def marker_scenario(k: Backend, mt: str) -> dict[str, Any]:
     """uffd-wp markers, zero pages, DONTNEED/REMOVE/punch under registration."""
     o = Obs(k, mt, 512)
     fd = k.uffd_open()
@@ -344,7 +344,7 @@ def marker_scenario(k: Kernel, mt: str) -> dict[str, Any]:
     return o.out
 
 
-SCENARIOS: dict[str, Callable[[Kernel, str], dict[str, Any]]] = {
+SCENARIOS: dict[str, Callable[[Backend, str], dict[str, Any]]] = {
     "scan": scan_scenario, "faults": fault_scenario, "errors": error_scenario,
     "markers": marker_scenario}
 SKIP_KEYS = {("scan", "memfd"): {"unreg_all", "unreg_fast", "unreg_end"}}

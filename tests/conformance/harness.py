@@ -27,8 +27,8 @@ from vmm_tierd.kernel.api import (
     AccessKind,
     AccessResult,
     AccessStatus,
+    Backend,
     Dialect,
-    Kernel,
     KernelError,
     MemType,
     PageFault,
@@ -114,7 +114,7 @@ class _Helper:
 
 
 class Ctx:
-    def __init__(self, kernel: Kernel, backend: str, mem: MemType, case: Case,
+    def __init__(self, kernel: Backend, backend: str, mem: MemType, case: Case,
                  granted: int) -> None:
         self.kernel = kernel
         self.backend = backend
@@ -375,7 +375,7 @@ def skip_reason(case: Case, backend: str, mem: MemType, dialect: Dialect,
     return None
 
 
-def _open(backend: str) -> Kernel:
+def _open(backend: str) -> Backend:
     module = "vmm_tierd.kernel." + ("linux" if backend == "linux" else "fake")
     try:
         return open_kernel(backend)

@@ -10,16 +10,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import trio
 
-from vmm_tierd.engine.daemon import Engine, RegionRunner
-from vmm_tierd.engine.region import EVICTED
+from vmm_tierd.engine.engine import Engine
+from vmm_tierd.engine.region import RegionCtx
+from vmm_tierd.engine.runner import RegionRunner
 from vmm_tierd.engine.store import PageStore
 from vmm_tierd.kernel import open_kernel
-from vmm_tierd.kernel.api import AccessKind, AccessResult, Kernel, MemType, Strategy
+from vmm_tierd.kernel.api import AccessKind, AccessResult, Backend, MemType, Strategy
 from vmm_tierd.kernel.stamps import page_bytes
 from vmm_tierd.settings import (
     DaemonSettings,
@@ -34,17 +34,18 @@ PS = 4096
 
 @dataclass
 class H:
-    kernel: Kernel
+    kernel: Backend
     engine: Engine
     store: PageStore
     runner: RegionRunner
 
     @property
-    def core(self) -> Any:
-        return self.runner.core
+    def r(self) -> RegionCtx:
+        assert self.runner.ctx is not None
+        return self.runner.ctx
 
     def addr(self, p: int) -> int:
-        return int(self.core.base) + p * PS
+        return self.r.uffd.addr(p)
 
     async def access(self, p: int, kind: AccessKind, data: bytes = b"") -> AccessResult:
         length = len(data) if data else PS
@@ -57,7 +58,7 @@ class H:
             assert r.status.value == "ok", (p, r)
 
     def evicted(self, pages: range) -> np.ndarray:
-        return np.asarray(self.core.flags[pages.start:pages.stop] & EVICTED, dtype=bool)
+        return self.r.pages.evicted_mask(slice(pages.start, pages.stop))
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -36,7 +36,7 @@ def test_corrupt_record_poisons_only_its_page(backend: str, memtype: str) -> Non
         async with engine(backend, memtype) as h:
             await h.write_pages(PAGES)
             await h.wait_evicted(PAGES)
-            h.store.corrupt_for_test(h.core.rid, 3)
+            h.store.corrupt_for_test(h.r.rid, 3)
             r = await h.access(3, AccessKind.READ)
             assert r.status is AccessStatus.SIGBUS, r
             # Every other page still comes back intact, the poisoned one stays poisoned.
@@ -44,12 +44,39 @@ def test_corrupt_record_poisons_only_its_page(backend: str, memtype: str) -> Non
                 r = await h.access(p, AccessKind.READ)
                 assert r.status is AccessStatus.OK, (p, r)
                 assert r.data == page_bytes(p, 1), p
+            if memtype == "memfd":
+                # Lose the PTE poison marker on purpose, as the cycle's own zaps can (an
+                # RFC DEACTIVATE zaps shmem PTEs; that was the 1% flake): the page must
+                # stay poisoned by state, not by the marker. On shared memory DONTNEED
+                # only drops PTEs, it discards nothing.
+                await trio.to_thread.run_sync(h.kernel.madvise, h.addr(3), PS,
+                                              uapi.MADV_DONTNEED)
             r = await h.access(3, AccessKind.READ)
             assert r.status is AccessStatus.SIGBUS, r
             st = h.engine.region_stats()[0]
-            assert st.poisoned_pages == 1
-            assert st.faults.get("poison") == 1
+            assert st.poisoned_pages == 1 and st.poisoned_total == 1
+            assert st.faults.get("poison", 0) >= 1
             await h.write_pages(range(40, 42), version=7)  # still serving new faults
+    trio.run(main)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_G)
+def test_guest_discard_makes_a_poisoned_page_new_memory(backend: str) -> None:
+    """Poisoned lasts until the guest discards the page (REMOVE on anon): then it is new
+    memory and reads as zero, as on real hardware."""
+    async def main() -> None:
+        async with engine(backend, "anon") as h:
+            await h.write_pages(PAGES)
+            await h.wait_evicted(PAGES)
+            h.store.corrupt_for_test(h.r.rid, 3)
+            r = await h.access(3, AccessKind.READ)
+            assert r.status is AccessStatus.SIGBUS, r
+            await trio.to_thread.run_sync(h.kernel.madvise, h.addr(3), PS,
+                                          uapi.MADV_DONTNEED)
+            r = await h.access(3, AccessKind.READ)
+            assert r.status is AccessStatus.OK and r.data == bytes(PS), r
+            st = h.engine.region_stats()[0]
+            assert st.poisoned_pages == 0 and st.poisoned_total == 1
     trio.run(main)
 
 
@@ -59,7 +86,7 @@ def test_remove_event_drops_records(backend: str) -> None:
         async with engine(backend, "anon") as h:
             await h.write_pages(PAGES)
             await h.wait_evicted(PAGES)
-            rid = h.core.rid
+            rid = h.r.rid
             assert h.store.get(rid, 7) is not None
             # The guest discards pages 6..8: MADV_DONTNEED waits until the REMOVE event is
             # read by the fault server, so it is issued from a worker thread.
@@ -116,7 +143,7 @@ def test_kernel_errors_in_a_cycle_lose_nothing(op: str, memtype: str) -> None:
             await h.wait_for(lambda: consumed(h.kernel, op))
             await h.wait_evicted(PAGES)  # later cycles get there
             # A failed RWPROTECT(clear) before a MOVE is retried page by page, silently.
-            assert h.core.c.errors >= 1 or op == "UFFDIO_RWPROTECT"
+            assert h.r.report.c.errors >= 1 or op == "UFFDIO_RWPROTECT"
             for p in PAGES:
                 r = await h.access(p, AccessKind.READ)
                 assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
@@ -143,7 +170,7 @@ def test_store_failure_rolls_back(backend: str, memtype: str) -> None:
         async with engine(backend, memtype, store_cls=FlakyStore) as h:
             await h.write_pages(PAGES)
             await h.wait_evicted(PAGES)  # after the failed batches, a later one succeeds
-            assert h.core.c.errors >= 2
+            assert h.r.report.c.errors >= 2
             for p in PAGES:
                 r = await h.access(p, AccessKind.READ)
                 assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
@@ -162,7 +189,7 @@ def test_graceful_stop_restores_and_deletes(backend: str, memtype: str) -> None:
             await h.wait_for(lambda: h.runner.graceful)
             assert h.runner.restored >= len(PAGES)
             assert h.store.stats().records == 0
-            assert not (h.core.flags & 1).any()  # nothing evicted any more
+            assert not h.r.pages.evicted_mask().any()  # nothing evicted any more
     trio.run(main)
 
 
@@ -182,7 +209,7 @@ def test_error_in_a_later_run_strands_nothing(backend: str, op: str) -> None:
                 await h.write_pages(range(p, p + 1))
             h.kernel.inject(op, errno.EIO, count=1, after=3)  # type: ignore[attr-defined]
             await h.wait_for(lambda: consumed(h.kernel, op))
-            await h.wait_for(lambda: bool(h.core.flags[0:64:2].all()))  # all evicted later
+            await h.wait_for(lambda: bool(h.r.pages.evicted_mask(slice(0, 64, 2)).all()))
             for p in pages:
                 r = await h.access(p, AccessKind.READ)
                 assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
@@ -201,11 +228,11 @@ def test_memfd_hole_punched_by_the_guest_reads_zero(backend: str) -> None:
             # No more evictions (page 5 must stay resident between the steps below): the
             # new min_age is in force once a cycle that started after the update ended.
             h.engine.update_tracking(TrackingSettings(interval_s=0.05, min_age=250))
-            c = h.core.c.cycles
-            await h.wait_for(lambda: h.core.c.cycles >= c + 2)
+            c = h.r.report.c.cycles
+            await h.wait_for(lambda: h.r.report.c.cycles >= c + 2)
             r = await h.access(5, AccessKind.READ)  # back from the store
             assert r.status is AccessStatus.OK and r.data == page_bytes(5, 1)
-            reg = h.core.region
+            reg = h.r.uffd.region
             await trio.to_thread.run_sync(h.kernel.punch_hole, reg.fd, reg.offset + 5 * PS, PS)
             r = await h.access(5, AccessKind.READ)
             assert r.status is AccessStatus.OK and r.data == bytes(PS), r
@@ -223,7 +250,8 @@ def test_missed_shutdown_deadline_keeps_the_records() -> None:
             await h.wait_evicted(PAGES)
             h.engine.request_stop()
             with trio.fail_after(20):
-                await h.runner.cycle_done.wait()
+                assert h.runner.cycle is not None
+                await h.runner.cycle.done.wait()
             await trio.sleep(0.3)  # a (wrong) restore + delete would be done by now
             assert not h.engine.graceful
             assert h.store.stats().records >= len(PAGES)
@@ -254,7 +282,7 @@ def test_cycle_compacts_dead_bytes_left_by_deletes() -> None:
             await h.write_pages(pages)
             await h.wait_evicted(pages)
             live = store.stats().compressed_bytes
-            h.core.pending_tracking = TrackingSettings(interval_s=0.05, min_age=255)
+            h.engine.update_tracking(TrackingSettings(interval_s=0.05, min_age=255))
             for p in range(0, 128, 2):  # fault half back: their records get deleted
                 r = await h.access(p, AccessKind.READ)
                 assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
@@ -265,4 +293,17 @@ def test_cycle_compacts_dead_bytes_left_by_deletes() -> None:
             for p in range(1, 128, 2):
                 r = await h.access(p, AccessKind.READ)
                 assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
+    trio.run(main)
+
+
+@pytest.mark.skipif(not fake_ok(), reason="no fake")
+def test_reload_that_shortens_the_interval_applies_at_once() -> None:
+    """A SIGHUP from 1 h to 50 ms used to wait out the hour: the interval sleep is woken."""
+    async def main() -> None:
+        async with engine("fake-rwp", "anon", interval=3600.0) as h:
+            await trio.sleep(0.2)  # the first interval has begun: one hour long
+            assert h.r.report.c.cycles == 0
+            h.engine.update_tracking(TrackingSettings(interval_s=0.05, min_age=1))
+            await h.wait_for(lambda: h.r.report.c.cycles >= 3, timeout=20)
+            assert h.engine.region_stats()[0].interval_s == 0.05
     trio.run(main)

@@ -1,14 +1,17 @@
-"""Eviction: victims → detach race-free → compress + store (one LMDB txn, off the loop)
-→ commit → only then drop the page from memory.
+"""The eviction path: victims → detach race-free → pages (in flight) → compress + store
+(one LMDB txn, off the loop) → commit → only then drop the page from memory → pages.
 
 Detach per memory type:
 - anon: UFFDIO_MOVE the victims (one ioctl per contiguous run) into a staging area. The
   move is atomic: a guest write either lands before it (and is moved) or faults (MISSING)
   after it and is served from staging. Staging is read with read_unregistered right after
   the move, before the loop can serve any fault, so the copy is exactly what was moved.
+  MOVE only works inside the address space that owns the uffd: anon memory of another
+  process can't be evicted from here (attach refuses it).
 - memfd, wp: the range is registered MINOR too; MADV_DONTNEED zaps the victims' PTEs (the
   data stays in the page cache) so any access blocks as a MINOR fault; read through the
-  memfd with pread; commit; FALLOC_FL_PUNCH_HOLE.
+  memfd with pread; commit; FALLOC_FL_PUNCH_HOLE. For another process the zap is a
+  syscall injected into the VMM (see kernel/space.py), the rest runs from here.
 - memfd, rwp: SET_MODE(sync) holds every access to a still-protected page; re-scan so
   only victims protected at that point go; pread; commit; punch; SET_MODE(async).
 A fault on a page in flight takes it back (MOVE from staging / CONTINUE / un-protect):
@@ -18,7 +21,6 @@ the page is then marked reclaimed, is not punched, and its record is deleted.
 from __future__ import annotations
 
 import errno
-import logging
 import time
 
 import numpy as np
@@ -26,58 +28,77 @@ import trio
 
 from ..kernel import uapi
 from ..kernel.api import KernelError
-from .region import STAGING_PAGES, Batch, RegionCore
-from .tracker import runs
-
-log = logging.getLogger("vmm_tierd.engine")
+from .pages import Batch
+from .ranges import runs
+from .region import RegionCtx
+from .uffd import STAGING_PAGES
 
 
 class Evictor:
-    def __init__(self, core: RegionCore) -> None:
-        self.core = core
+    def __init__(self, r: RegionCtx) -> None:
+        self.r = r
         self.staging_dirty = False
 
     async def evict(self, victims: np.ndarray, phases: dict[str, float]) -> int:
-        core = self.core
-        victims = np.sort(victims.astype(np.uint64))
-        victims = victims[~core.policy.gone_mask(victims)]
+        r = self.r
+        victims = r.pages.evictable(np.unique(victims.astype(np.uint64)))
         total = 0
         for off in range(0, len(victims), STAGING_PAGES):
             chunk = victims[off:off + STAGING_PAGES]
-            if core.memfd:
+            if r.memfd:
                 total += await self._evict_memfd(chunk, phases)
             else:
                 total += await self._evict_anon(chunk, phases)
         return total
 
     async def flush_deletes(self) -> None:
-        core = self.core
-        pages = core.take_deletes()
+        r = self.r
+        pages = r.pages.take_deletes()
         if len(pages):
             try:
-                await trio.to_thread.run_sync(core.store.delete, core.rid, pages)
+                await trio.to_thread.run_sync(r.store.delete, r.rid, pages)
             except Exception as e:  # records of resident pages: harmless, reclaimed at reopen
-                log.error("region %s: deleting %d stale records failed: %s",
-                          core.name, len(pages), e)
+                r.report.failed("store.delete", getattr(e, "errno", None) or errno.EIO,
+                                f"deleting {len(pages)} stale records failed: {e}")
 
     def _put(self, pages: np.ndarray, data: bytes) -> np.ndarray:
         """Worker thread: one LMDB txn for the batch (zstandard and lmdb release the GIL)."""
-        self.core.store.put_batch(self.core.rid, pages, data)
+        self.r.store.put_batch(self.r.rid, pages, data)
         words = np.frombuffer(data, dtype=np.uint64).reshape(len(pages), -1)
-        zero = np.logical_not(words.any(axis=1))  # which pages were zero
-        return np.asarray(zero, dtype=bool)
+        return np.logical_not(words.any(axis=1))  # which pages were zero
 
-    def _add(self, phases: dict[str, float], name: str, t0: float) -> float:
+    @staticmethod
+    def _add(phases: dict[str, float], name: str, t0: float) -> float:
         t = time.perf_counter()
         phases[name] = phases.get(name, 0.0) + t - t0
         return t
 
+    async def _store(self, batch: Batch, data: bytes, phases: dict[str, float], t: float
+                     ) -> tuple[np.ndarray | None, float]:
+        """Compress + commit the batch off the loop; None if the store failed (the
+        pages stay in flight for the caller to put back)."""
+        t = self._add(phases, "detach", t)
+        try:
+            zero = await trio.to_thread.run_sync(self._put, batch.pages, data)
+        except Exception as e:
+            self.r.report.failed("store.put", getattr(e, "errno", None) or errno.EIO,
+                                 f"storing {len(batch.pages)} pages failed, they stay "
+                                 f"resident: {e}")
+            return None, t
+        return zero, self._add(phases, "store", t)
+
+    def _committed(self, batch: Batch, zero: np.ndarray) -> int:
+        ev = self.r.pages.committed(batch, zero)
+        if len(ev):
+            self.r.report.obs.evicted(self.r.name, len(ev), len(ev) * self.r.uffd.ps)
+        return len(ev)
+
     # ---- anon --------------------------------------------------------------------
     async def _evict_anon(self, victims: np.ndarray, phases: dict[str, float]) -> int:
-        core = self.core
-        k, ps, tr = core.k, core.ps, core.tracker
-        assert tr is not None and core.staging is not None
-        staging = core.staging.addr
+        r = self.r
+        u, tr = r.uffd, r.tracker
+        assert u.staging is not None
+        staging, ps = u.staging.addr, u.ps
         if self.staging_dirty and not self._clean_staging():
             return 0
         t = time.perf_counter()
@@ -95,15 +116,20 @@ class Evictor:
                 while off < count:
                     n = count - off
                     try:
-                        k.uffd_move(core.sfd, staging + slot * ps, core.base + (first + off) * ps,
-                                    n * ps, uapi.UFFDIO_MOVE_MODE_DONTWAKE)
+                        u.k.uffd_move(u.sfd, staging + slot * ps, u.addr(first + off), n * ps,
+                                      uapi.UFFDIO_MOVE_MODE_DONTWAKE)
                         got, skip = n, 0
                     except KernelError as e:
                         got = e.done // ps
-                        # ENOENT: a hole (discarded by the guest); EBUSY: a page shared with a
-                        # fork()ed child. Either way that page stays where it is.
-                        if e.errno not in (errno.ENOENT, errno.EBUSY):
-                            core.kerr(e, f"UFFDIO_MOVE of pages [{first + off}, {first + count})")
+                        # A move that stopped partway is EAGAIN with the bytes done: go on
+                        # from there. ENOENT: a hole (discarded by the guest, or never
+                        # touched); EBUSY: a page shared with a fork()ed child. Either way
+                        # that page stays where it is.
+                        if e.errno == errno.EAGAIN and got:
+                            skip = 0
+                        elif e.errno not in (errno.ENOENT, errno.EBUSY):
+                            r.report.error(e, f"UFFDIO_MOVE of pages [{first + off}, "
+                                              f"{first + count})")
                             skip = n - got
                         else:
                             skip = 1
@@ -112,47 +138,42 @@ class Evictor:
                     slot += got
                     off += got + skip
         except KernelError as e:  # stop detaching; what was moved goes on below
-            core.kerr(e, "detaching victims")
+            r.report.error(e, "detaching victims")
         finally:
             if tr.holds:
-                try:
-                    tr.release()
-                except KernelError as e:
-                    core.kerr(e, "SET_MODE(async)")
+                self._release()
         if not slot:
             return 0
-        pages = np.concatenate(moved)
-        batch = Batch(pages, staging, np.zeros(slot, dtype=bool))
-        core.inflight.update(zip(pages.tolist(), ((batch, i) for i in range(slot)), strict=True))
+        batch = r.pages.detached(np.concatenate(moved), staging)
         try:
             # Staging pages are present and registered MISSING only: reading can't fault.
-            data = k.read_unregistered(staging, slot * ps)
+            data = u.k.read_unregistered(staging, slot * ps)
         except KernelError as e:
-            core.kerr(e, "reading staging")
+            r.report.error(e, "reading staging")
             self._rollback_anon(batch)
             self.staging_dirty = True
             return 0
-        t = self._add(phases, "detach", t)
-        try:
-            zero = await trio.to_thread.run_sync(self._put, pages, data)
-        except Exception as e:
-            self._store_failed(e, len(pages))
+        zero, t = await self._store(batch, data, phases, t)
+        if zero is None:
             self._rollback_anon(batch)
             self.staging_dirty = True
             return 0
-        t = self._add(phases, "store", t)
         n = self._committed(batch, zero)
         self.staging_dirty = True
         self._clean_staging()
         self._add(phases, "drop", t)
         return n
 
-    def _unprotect_run(self, first: int, count: int) -> None:
-        core = self.core
-        tr = core.tracker
-        assert tr is not None
+    def _release(self) -> None:
         try:
-            tr.unprotect(core.base + first * core.ps, count * core.ps, False)
+            self.r.tracker.release()
+        except KernelError as e:
+            self.r.report.error(e, "SET_MODE(async)")
+
+    def _unprotect_run(self, first: int, count: int) -> None:
+        u, tr = self.r.uffd, self.r.tracker
+        try:
+            tr.unprotect(u.addr(first), count * u.ps, False)
             return
         except KernelError:
             pass
@@ -160,161 +181,122 @@ class Evictor:
         # with EFAULT/EEXIST) or discarded (a hole): page by page, errors don't matter.
         for p in range(first, first + count):
             try:
-                tr.unprotect(core.base + p * core.ps, core.ps, False)
+                tr.unprotect(u.addr(p), u.ps, False)
             except KernelError:
                 pass
 
     def _clean_staging(self) -> bool:
         """Drop what staging holds once no page in it is in flight (committed ones only)."""
-        core = self.core
-        assert core.staging is not None
-        if core.inflight:
+        u = self.r.uffd
+        assert u.staging is not None
+        if self.r.pages.inflight:
             return False  # a failed rollback left a page there: keep it for its fault
         try:
-            core.k.madvise(core.staging.addr, core.staging.length, uapi.MADV_DONTNEED)
+            u.k.madvise(u.staging.addr, u.staging.length, uapi.MADV_DONTNEED)
         except KernelError as e:  # a populated slot would fail the next MOVE (EEXIST)
-            core.kerr(e, "MADV_DONTNEED staging")
+            self.r.report.error(e, "MADV_DONTNEED staging")
             return False
         self.staging_dirty = False
         return True
 
     def _rollback_anon(self, batch: Batch) -> None:
         """The store failed: move every page still in staging back where it was."""
-        core = self.core
-        ps = core.ps
+        r = self.r
+        u = r.uffd
+        back: list[int] = []
         for i, p in enumerate(batch.pages.tolist()):
             if batch.reclaimed[i]:
                 continue
             try:
-                core.k.uffd_move(core.fd, core.base + p * ps, batch.staging + i * ps, ps, 0)
+                u.k.uffd_move(u.fd, u.addr(p), batch.staging + i * u.ps, u.ps, 0)
             except KernelError as e:
                 if e.errno != errno.EEXIST:
-                    core.kerr(e, f"moving page {p} back from staging")
+                    r.report.error(e, f"moving page {p} back from staging")
                     continue  # still in staging: keep it in flight so a fault finds it
-            core.inflight.pop(p, None)
+            back.append(p)
+        r.pages.returned(batch, np.asarray(back, dtype=np.uint64))
 
     # ---- memfd -------------------------------------------------------------------
     async def _evict_memfd(self, victims: np.ndarray, phases: dict[str, float]) -> int:
-        core = self.core
-        k, ps, tr = core.k, core.ps, core.tracker
-        assert tr is not None and core.region is not None
-        reg = core.region
+        r = self.r
+        u, tr = r.uffd, r.tracker
+        reg = u.region
+        ps = u.ps
         t = time.perf_counter()
-        held = False
-        if tr.holds:
+        held = tr.holds
+        if held:
             tr.hold()
-            held = True
         try:
             if held:
                 # Between the scan and hold() a victim may have been touched and
                 # un-protected asynchronously; only pages still protected now are safe.
-                victims = victims[tr.scan_cold()[victims]]
+                cold, _ = tr.scan()
+                victims = victims[cold[victims]]
             if not len(victims):
                 return 0
             rr = runs(victims)
-            batch = Batch(victims, 0, np.zeros(len(victims), dtype=bool))
-            core.inflight.update(zip(victims.tolist(), ((batch, i) for i in range(len(victims))),
-                                     strict=True))
+            batch = r.pages.detached(victims, 0)
             if not held:
                 try:
                     # memfd uffds don't take EVENT_REMOVE, so this can't block on us.
-                    self._zap(rr)
+                    r.space.discard([(u.addr(first), count * ps) for first, count, _ in rr])
                 except KernelError as e:
-                    core.kerr(e, "MADV_DONTNEED of victims")
-                    self._drop_batch(batch)
+                    r.report.error(e, "MADV_DONTNEED of victims")
+                    self._give_back(batch, held)  # some may be zapped: map them again
                     return 0
             try:
-                data = b"".join(k.pread(reg.fd, reg.offset + first * ps, count * ps)
+                data = b"".join(u.k.pread(reg.fd, reg.offset + first * ps, count * ps)
                                 for first, count, _ in rr)
             except KernelError as e:
-                core.kerr(e, "pread of victims")
-                self._drop_batch(batch)
-                if not held:
-                    self._remap(batch.pages[~batch.reclaimed])
+                r.report.error(e, "pread of victims")
+                self._give_back(batch, held)
                 return 0
-            t = self._add(phases, "detach", t)
-            try:
-                zero = await trio.to_thread.run_sync(self._put, victims, data)
-            except Exception as e:
-                self._store_failed(e, len(victims))
-                self._drop_batch(batch)
-                if not held:
-                    self._remap(batch.pages[~batch.reclaimed])
+            zero, t = await self._store(batch, data, phases, t)
+            if zero is None:
+                self._give_back(batch, held)
                 return 0
-            t = self._add(phases, "store", t)
             unpunched = self._punch(batch)
-            if not held and len(unpunched):
-                self._remap(unpunched)
             n = self._committed(batch, zero)
+            if len(unpunched) and not held:
+                self._remap(unpunched)
             self._add(phases, "drop", t)
             return n
         finally:
             if held:
-                try:
-                    tr.release()
-                except KernelError as e:
-                    core.kerr(e, "SET_MODE(async)")
+                self._release()
 
-    def _zap(self, rr: list[tuple[int, int, int]]) -> None:
-        core = self.core
-        for first, count, _ in rr:
-            core.k.madvise(core.base + first * core.ps, count * core.ps, uapi.MADV_DONTNEED)
+    def _give_back(self, batch: Batch, held: bool) -> None:
+        self.r.pages.returned(batch)
+        if not held:
+            self._remap(batch.pages[~batch.reclaimed])
 
     def _remap(self, pages: np.ndarray) -> None:
         """Map zapped victims that stay resident again: an unmapped page looks neither
         present nor written to PAGEMAP_SCAN, so it would never be considered again."""
-        core = self.core
+        u = self.r.uffd
         for first, count, _ in runs(pages):
             for p in range(first, first + count):
                 try:
-                    core.k.uffd_continue(core.fd, core.base + p * core.ps, core.ps, 0)
+                    u.k.uffd_continue(u.fd, u.addr(p), u.ps, 0)
                 except KernelError as e:
                     if e.errno != errno.EEXIST:  # EEXIST: already mapped again by a fault
-                        core.kerr(e, f"UFFDIO_CONTINUE page {p} after a failed eviction")
+                        self.r.report.error(e, f"UFFDIO_CONTINUE page {p} after a failed "
+                                               "eviction")
 
     def _punch(self, batch: Batch) -> np.ndarray:
-        """After the commit: free the victims nobody took back in the meantime.
-        Returns the pages that could not be punched (they stay resident)."""
-        core = self.core
-        reg = core.region
-        assert reg is not None
-        ps = core.ps
+        """After the commit: free the victims nobody took back in the meantime. Pages
+        that could not be punched stay resident: they are marked reclaimed (their records
+        are deleted) and returned."""
+        u = self.r.uffd
+        reg = u.region
         keep = batch.pages[~batch.reclaimed]
         failed: list[np.ndarray] = []
         for first, count, _ in runs(keep):
             try:
-                core.k.punch_hole(reg.fd, reg.offset + first * ps, count * ps)
+                u.k.punch_hole(reg.fd, reg.offset + first * u.ps, count * u.ps)
             except KernelError as e:
-                # Not freed: the pages stay resident (their records get deleted).
-                core.kerr(e, f"PUNCH_HOLE pages [{first}, {first + count})")
+                self.r.report.error(e, f"PUNCH_HOLE pages [{first}, {first + count})")
                 pages = np.arange(first, first + count, dtype=np.uint64)
                 batch.reclaimed[np.searchsorted(batch.pages, pages)] = True
                 failed.append(pages)
         return np.concatenate(failed) if failed else np.zeros(0, dtype=np.uint64)
-
-    def _drop_batch(self, batch: Batch) -> None:
-        for p in batch.pages.tolist():
-            self.core.inflight.pop(p, None)
-
-    # ---- common ------------------------------------------------------------------
-    def _store_failed(self, e: BaseException, n: int) -> None:
-        core = self.core
-        core.c.errors += 1
-        log.error("region %s: storing %d pages failed, they stay resident: %s", core.name, n, e)
-        core.obs.error("store.put", getattr(e, "errno", None) or errno.EIO)
-
-    def _committed(self, batch: Batch, zero: np.ndarray) -> int:
-        """The pages not reclaimed during the store are now gone from memory."""
-        core = self.core
-        self._drop_batch(batch)
-        keep = ~batch.reclaimed
-        ev = batch.pages[keep]
-        core.policy.mark_evicted(ev)  # sets GONE: faults on them are served from the store
-        z = ev[zero[keep]]
-        if len(z):
-            core.policy.mark_zero(z)
-        core.pending_delete.extend(batch.pages[batch.reclaimed].tolist())
-        core.c.evictions += len(ev)
-        if len(ev):
-            core.obs.evicted(core.name, len(ev), len(ev) * core.ps)
-        return len(ev)

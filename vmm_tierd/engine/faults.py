@@ -1,5 +1,5 @@
-"""The fault server: uffd readable → read many messages → for each fault, by engine state:
-staging (move it back) / store (get → checksum → decompress → UFFDIO_COPY) / resolve.
+"""The fault path: uffd readable → read many messages → serve each fault by the page's
+state in the page table (pages.py) → store (get → checksum → decompress) → UFFDIO_COPY.
 
 Every fault is served by the page's engine state, not by the fault's flags: a message
 read late may describe a page whose state changed since (e.g. an RWP fault on a victim
@@ -16,44 +16,43 @@ from collections import deque
 import trio
 
 from ..kernel.api import KernelError, PageFault, RemoveEvent, UffdEvent, UnmapEvent
-from .policy import GONE, OUT
-from .region import RegionCore
+from .pagebits import EVICTED, KIND, POISONED
+from .region import RegionCtx
 from .store import RecordError
 
 log = logging.getLogger("vmm_tierd.engine")
 
 DONE, RETRY, AGAIN = 0, 1, 2
 TRANSIENT = (errno.EAGAIN, errno.ENOMEM, errno.EINTR)
-NOT_OUT = ~OUT & 0xFF
 MAX_READ = 64
 YIELD_EVERY = 256
 
 
 class FaultServer:
-    def __init__(self, core: RegionCore) -> None:
-        self.core = core
+    def __init__(self, r: RegionCtx) -> None:
+        self.r = r
         self.backlog: deque[tuple[PageFault, float]] = deque()
         self.reads = 0
         self.msgs = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        core = self.core
-        # the region is mapped and registered before serving starts and never moves
-        self.base, self.ps, self.npages = core.base, core.ps, core.npages
-        self.st = core.policy.view  # the per-page state byte, scalar access
+        r = self.r
+        # the region is registered before serving starts and never moves
+        self.base, self.ps, self.npages = r.uffd.base, r.uffd.ps, r.npages
+        self.st = r.pages.view  # the per-page state byte, scalar access
         task_status.started()
         tries = served = 0
         while True:
             if not self.backlog:
-                await trio.lowlevel.wait_readable(core.fd)
+                await trio.lowlevel.wait_readable(r.uffd.fd)
             self.pull()
             while self.backlog:
                 fault, t_read = self.backlog[0]
                 res = self.serve_one(fault, t_read)
                 if res != DONE:
                     tries += 1
-                    core.flush_back()
+                    self.flush()
                     if res == AGAIN:
                         # mmap_changing stays raised until the thread that posted the event
                         # has run on; give it a moment. Not exponential: it's short.
@@ -66,17 +65,22 @@ class FaultServer:
                 self.backlog.popleft()
                 served += 1
                 if not served % YIELD_EVERY:  # a fault storm must not starve the cycle
-                    core.flush_back()
+                    self.flush()
                     await trio.lowlevel.checkpoint()
                 if not self.backlog:
                     self.pull()
-            core.flush_back()  # the policy hears before any other task runs
-            core.store.release_reader()
+            self.flush()  # the policy hears before any other task runs
+            r.store.release_reader()
             # no checkpoint here: wait_readable above always yields to the other tasks
+
+    def flush(self) -> None:
+        n = self.r.pages.flush()
+        if n:
+            self.r.report.obs.refault(self.r.name, n)
 
     def pull(self) -> None:
         """Read every pending message; events are handled at once, faults queued."""
-        k, fd = self.core.k, self.core.fd
+        k, fd = self.r.uffd.k, self.r.uffd.fd
         while True:
             msgs = k.uffd_read(fd, MAX_READ)
             if not msgs:
@@ -93,152 +97,163 @@ class FaultServer:
                 return
 
     def event(self, ev: UffdEvent) -> None:
-        core = self.core
+        r = self.r
         if isinstance(ev, RemoveEvent):
             # MADV_DONTNEED/MADV_REMOVE. On shared memory DONTNEED only drops PTEs (the data
             # stays in the file) and the event doesn't say which advice it was, so only
-            # private anonymous memory treats it as a discard. The engine's own DONTNEEDs
-            # on memfd victims arrive here too and must not drop anything.
-            if not core.memfd:
-                core.forget_range(ev.start, ev.end)
+            # private anonymous memory treats it as a discard (memfd uffds don't ask for
+            # EVENT_REMOVE at all).
+            if not r.memfd:
+                self.discard(ev.start, ev.end)
         elif isinstance(ev, UnmapEvent):
-            core.forget_range(ev.start, ev.end)
-            if ev.start <= core.base and ev.end >= core.base + core.npages * core.ps:
-                core.dead = True
+            self.discard(ev.start, ev.end)
+            if ev.start <= self.base and ev.end >= self.base + self.npages * self.ps:
+                r.dead = True
         else:
-            log.warning("region %s: unexpected uffd event %r ignored", core.name, ev)
+            r.report.log.warning(f"{r.name}:event", "region %s: unexpected uffd event %r "
+                                 "ignored", r.name, ev)
+
+    def discard(self, start: int, end: int) -> None:
+        """The guest discarded [start, end): absent now means zero."""
+        first = max(0, (start - self.base) // self.ps)
+        last = min(self.npages, (end - self.base + self.ps - 1) // self.ps)
+        if first < last:
+            n = self.r.pages.discarded(first, last)
+            self.r.report.obs.discarded(self.r.name, last - first, n)
 
     # ---- one fault -----------------------------------------------------------------
     def serve_one(self, f: PageFault, t_read: float) -> int:
-        core = self.core
+        r = self.r
         ps = self.ps
         p = (f.address - self.base) // ps
         if not 0 <= p < self.npages:
-            log.warning("region %s: fault at 0x%x outside the region", core.name, f.address)
+            r.report.log.warning(f"{r.name}:outside", "region %s: fault at 0x%x outside "
+                                 "the region", r.name, f.address)
             return DONE
         addr = self.base + p * ps
         try:
-            if core.inflight:
-                ent = core.inflight.get(p)
-                if ent is not None:
-                    return self._from_batch(p, addr, ent[0].staging, ent[1], t_read)
-            if self.st[p] & GONE == GONE:
+            if r.pages.inflight and p in r.pages.inflight:
+                return self._from_batch(p, addr, t_read)
+            kind = self.st[p] & KIND
+            if kind == EVICTED:
                 return self._from_store(p, addr, t_read)
+            if kind == POISONED:
+                return self._poison(p, addr, "poisoned earlier", t_read)
             if f.missing:
-                if not core.memfd and core.policy.once(p):
+                if not r.memfd and r.pages.once(p):  # BACK pages count as once
                     return self._missing_after_eviction(p, addr, t_read)
                 # Never evicted since last known empty: legitimately zero memory. On memfd
                 # the file is the truth: only our punch (after a commit, EVICTED) makes a
                 # hole there, so any other hole was punched by the guest and reads as zero.
-                return self._fill(p, addr, None, "zero", t_read)
-            assert core.tracker is not None
-            core.tracker.resolve(addr)
-            core.count_fault("rwp", t_read)
+                if r.uffd.zero(addr):
+                    r.pages.zero_filled()
+                    r.report.fault("zero", t_read)
+                else:
+                    r.report.fault("wake", t_read)
+                return DONE
+            r.tracker.resolve(addr)
+            r.report.fault("rwp", t_read)
             return DONE
         except KernelError as e:
             return self._failed(e, p, addr, t_read)
 
     def _failed(self, e: KernelError, p: int, addr: int, t_read: float) -> int:
-        core = self.core
+        r = self.r
         if e.errno == errno.EAGAIN:
             # A non-cooperative event (REMOVE/UNMAP) is pending: mfill refuses with EAGAIN
             # until it has been read. Drain and retry.
             self.pull()
             return AGAIN
-        if e.errno in TRANSIENT:
-            core.kerr(e, f"fault on page {p} (will retry)")
+        if e.errno in TRANSIENT or self.st[p] & KIND == POISONED:
+            # transient, or a POISON that failed: never wake a poisoned page's thread
+            # (it would re-fault into the same state); keep trying with a backoff
+            r.report.error(e, f"fault on page {p} (will retry)")
             return RETRY
-        if e.errno == errno.EEXIST:
-            # Raced: the page is already there (a second fault on it, or restore). Wake.
-            core.k.uffd_wake(core.fd, addr, core.ps)
-            core.count_fault("wake", t_read)
-            return DONE
-        if e.errno in (errno.ENOENT, errno.EFAULT) and not core.policy.gone(p):
+        if e.errno in (errno.ENOENT, errno.EFAULT) and self.st[p] & KIND != EVICTED:
             # Resolving a tracking fault on a page that is absent by now (moved to staging,
             # or punched): wake it; it re-faults as MISSING and is served by state.
-            core.k.uffd_wake(core.fd, addr, core.ps)
-            core.count_fault("wake", t_read)
+            r.uffd.wake(addr)
+            r.report.fault("wake", t_read)
             return DONE
-        core.kerr(e, f"serving fault on page {p}")
-        core.k.uffd_wake(core.fd, addr, core.ps)  # it re-faults; the page state is intact
+        r.report.error(e, f"serving fault on page {p}")
+        r.uffd.wake(addr)  # it re-faults; the page state is intact
         return DONE
 
-    def _from_batch(self, p: int, addr: int, staging: int, i: int, t_read: float) -> int:
+    def _from_batch(self, p: int, addr: int, t_read: float) -> int:
         """The page was detached but its record isn't committed: give it back as it is."""
-        core = self.core
-        batch, _ = core.inflight[p]
-        if staging:
+        r = self.r
+        batch, i = r.pages.inflight[p]
+        if batch.staging:
+            src = batch.staging + i * self.ps
             try:
-                core.k.uffd_move(core.fd, addr, staging + i * core.ps, core.ps, 0)
+                r.uffd.k.uffd_move(r.uffd.fd, addr, src, self.ps, 0)
             except KernelError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOENT):
                     raise
-                core.k.uffd_wake(core.fd, addr, core.ps)
+                r.uffd.wake(addr)
         else:
             # memfd: the page is still in the page cache (punch comes after the commit).
-            assert core.tracker is not None
-            try:
-                core.tracker.resolve(addr)
-            except KernelError as e:
-                if e.errno != errno.EEXIST:
-                    raise
-                core.k.uffd_wake(core.fd, addr, core.ps)
-        batch.reclaimed[i] = True
-        del core.inflight[p]
-        core.count_fault("staging", t_read)
+            r.uffd.resolve(lambda: r.tracker.resolve(addr), addr)
+        r.pages.reclaimed(p)
+        r.report.fault("staging", t_read)
         return DONE
 
     def _from_store(self, p: int, addr: int, t_read: float) -> int:
         """The hot path: get → checksum → decompress (in get) → UFFDIO_COPY."""
-        core = self.core
+        r = self.r
         try:
-            data = core.store.get(core.rid, p)
+            data = r.store.get(r.rid, p)
         except RecordError as e:
-            core.poison(p, str(e))
-            core.count_fault("poison", t_read)
-            return DONE
+            return self._poison(p, addr, str(e), t_read)
         except KeyError:
-            core.poison(p, "record missing")
-            core.count_fault("poison", t_read)
-            return DONE
-        self._fill(p, addr, data, "zero" if data is None else "store", t_read)
-        self.st[p] &= NOT_OUT  # back in memory; the policy hears in bulk (flush_back)
-        core.back.append(p)
+            return self._poison(p, addr, "record missing", t_read)
+        if data is None:
+            done = r.uffd.zero(addr)
+            kind = "zero"
+        else:
+            done = r.uffd.copy(addr, data)
+            kind = "store"
+        r.pages.served_back(p)  # back in memory; the policy hears in bulk (flush)
+        r.report.fault(kind if done else "wake", t_read)
         return DONE
 
-    def _fill(self, p: int, addr: int, data: bytes | None, kind: str, t_read: float) -> int:
-        """COPY (or zero-fill) the page; EEXIST means it raced in already: just wake."""
-        core = self.core
-        try:
-            if data is None:
-                core.zero_fill(addr, core.ps)
-            else:
-                core.k.uffd_copy(core.fd, addr, data, 0)
-        except KernelError as e:
-            if e.errno != errno.EEXIST:
-                raise
-            core.k.uffd_wake(core.fd, addr, core.ps)
-            kind = "wake"
-        core.count_fault(kind, t_read)
+    def _poison(self, p: int, addr: int, why: str, t_read: float) -> int:
+        """The page's content can't be recovered: the guest gets a memory error, not
+        zeros, now and on every later fault until it discards the page."""
+        r = self.r
+        if r.pages.poisoned(p):
+            r.report.log.error(f"{r.name}:poison", "region %s: page %d (addr 0x%x) "
+                               "unrecoverable (%s): poisoned", r.name, p, addr, why)
+            r.report.obs.poisoned(r.name, 1)
+        r.uffd.poison(addr)
+        r.report.fault("poison", t_read)
         return DONE
 
     def _missing_after_eviction(self, p: int, addr: int, t_read: float) -> int:
         """MISSING on a page the engine thinks is resident but which was evicted before.
 
         Normally a duplicate fault on a page already copied back: its content is in
-        memory and the record is deleted. POISON then fails with EEXIST and we wake. If
-        it does NOT fail, the page really was absent with no record: that is a lost page,
-        and the guest gets a memory error rather than zeros.
+        memory. The record, if still there (deleted in bulk), is copied again (EEXIST:
+        wake). With no record, POISON decides: it fails with EEXIST if the page is
+        present (wake); if it does NOT fail, the page really was absent with no record:
+        a lost page, and the guest gets a memory error rather than zeros.
         """
-        core = self.core
+        r = self.r
         try:
-            data = core.store.get(core.rid, p)
-        except KeyError:
-            data = b""
-        except Exception:  # a corrupt leftover record: POISON-or-EEXIST below decides
+            data = r.store.get(r.rid, p)
+        except (KeyError, RecordError):
             data = b""
         if data != b"":
-            return self._fill(p, addr, data, "store" if data else "zero", t_read)
-        core.poison(p, "absent after eviction, no record")
-        core.count_fault("wake", t_read)
+            done = r.uffd.zero(addr) if data is None else r.uffd.copy(addr, data)
+            r.report.fault(("zero" if data is None else "store") if done else "wake", t_read)
+            return DONE
+        if r.uffd.poison(addr):
+            r.pages.poisoned(p)
+            r.report.log.error(f"{r.name}:lost", "region %s: page %d (addr 0x%x) "
+                               "unrecoverable (absent after eviction, no record): poisoned",
+                               r.name, p, addr)
+            r.report.obs.poisoned(r.name, 1)
+            r.report.fault("poison", t_read)
+        else:
+            r.report.fault("wake", t_read)
         return DONE

@@ -12,11 +12,15 @@ from typing import Protocol
 
 class Observer(Protocol):
     def fault_served(self, region: str, kind: str, latency_s: float) -> None:
-        """kind: "store" (copied back), "zero", "staging" (moved back), "wake", "rwp"."""
+        """kind: "store" (copied back), "zero", "staging" (moved back), "wake", "rwp",
+        "poison"."""
 
     def evicted(self, region: str, pages: int, guest_bytes: int) -> None: ...
     def refault(self, region: str, pages: int) -> None: ...
     def poisoned(self, region: str, pages: int) -> None: ...
+    def discarded(self, region: str, pages: int, dropped: int) -> None:
+        """The guest discarded ``pages`` (REMOVE/UNMAP); ``dropped`` of them were evicted
+        or poisoned and are new memory now. Counted, never logged per event."""
     def error(self, op: str, errno: int) -> None: ...
     def cycle(self, region: str, phase_seconds: dict[str, float], total_s: float) -> None: ...
 
@@ -32,6 +36,9 @@ class NullObserver:
         pass
 
     def poisoned(self, region: str, pages: int) -> None:
+        pass
+
+    def discarded(self, region: str, pages: int, dropped: int) -> None:
         pass
 
     def error(self, op: str, errno: int) -> None:

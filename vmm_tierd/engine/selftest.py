@@ -19,6 +19,7 @@ import trio
 
 from ..kernel.api import MemType, Pattern, Strategy, VerifyReport, WorkloadSpec
 from ..settings import DaemonSettings, RegionSettings, Settings, StoreSettings, TrackingSettings
+from .guest import LocalGuest
 
 REGION = "selftest"
 
@@ -42,6 +43,9 @@ class RecordingObserver:
 
     def poisoned(self, region: str, pages: int) -> None:
         self.poisoned_count += pages
+
+    def discarded(self, region: str, pages: int, dropped: int) -> None:
+        pass
 
     def error(self, op: str, errno: int) -> None:
         key = f"{op}:{errno}"
@@ -90,20 +94,22 @@ def selftest_settings(args: argparse.Namespace, store_dir: Path) -> Settings:
 
 async def _run(args: argparse.Namespace, kernel: Any, settings: Settings, store: Any,
                obs: RecordingObserver) -> dict[str, Any]:
-    from .daemon import Engine
+    from .engine import Engine
 
     strategy = Strategy(args.strategy) if args.strategy else None
-    engine = Engine(kernel, settings, store=store, observer=obs, strategy=strategy)
+    engine = Engine(kernel, settings, store=store, observer=obs, strategy=strategy,
+                    guest_side=kernel)
     out: dict[str, Any] = {}
     async with trio.open_nursery() as n:
         t0 = time.perf_counter()
         await n.start(engine.run)
         await trio.sleep(args.seconds)
-        runner = engine.runners[0]
-        wl = runner.workload
+        guest = engine.runners[0].guest
+        assert isinstance(guest, LocalGuest)
+        wl = guest.workload
         assert wl is not None
         wstats = wl.stats()
-        await runner.stop_workload()
+        await guest.stop()
         busy_s = time.perf_counter() - t0
         stats = engine.region_stats()[0]
         sstats = store.stats()

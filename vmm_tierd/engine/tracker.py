@@ -13,23 +13,13 @@ import numpy as np
 
 from ..kernel import uapi
 from ..kernel.api import Dialect, Kernel, MemType, Region, Strategy
-from .policy import PagePolicy
+from ..kernel.space import AddressSpace
+from .ranges import ranges_to_mask
 
 # Asked for on every uffd when granted; none of them is required.
 OPTIONAL_FEATURES = (uapi.UFFD_FEATURE_THREAD_ID | uapi.UFFD_FEATURE_EVENT_REMOVE
                      | uapi.UFFD_FEATURE_EVENT_UNMAP | uapi.UFFD_FEATURE_MOVE
                      | uapi.UFFD_FEATURE_POISON)
-
-
-def runs(pages: np.ndarray) -> list[tuple[int, int, int]]:
-    """Contiguous runs of sorted page indexes: (first_page, count, index_in_pages)."""
-    n = len(pages)
-    if n == 0:
-        return []
-    brk = np.flatnonzero(np.diff(pages.astype(np.int64)) != 1) + 1
-    starts = np.concatenate(([0], brk))
-    ends = np.concatenate((brk, [n]))
-    return [(int(pages[s]), int(e - s), int(s)) for s, e in zip(starts, ends, strict=True)]
 
 
 class Tracker:
@@ -38,28 +28,39 @@ class Tracker:
     strategy: Strategy
     holds: bool = False  # detach needs SET_MODE(sync) around it
 
-    def __init__(self, kernel: Kernel, fd: int, region: Region, features: int) -> None:
+    def __init__(self, kernel: Kernel, space: AddressSpace, fd: int, region: Region,
+                 features: int) -> None:
         self.k = kernel
+        self.space = space  # where the region's page tables are (this or another process)
         self.fd = fd
         self.region = region
         self.features = features
-        self.ps = kernel.page_size
-        self.npages = region.length // self.ps
+        self.ps = region.page_size
+        self.npages = region.npages
         self.memfd = region.memtype is MemType.MEMFD
 
     @staticmethod
     def wanted(dialect: Dialect, memtype: MemType) -> int:
         raise NotImplementedError
 
-    def register_mode(self) -> int:
+    @staticmethod
+    def register_mode_for(dialect: Dialect, memtype: MemType) -> int:
         raise NotImplementedError
+
+    def register_mode(self) -> int:
+        return self.register_mode_for(self.k.dialect, self.region.memtype)
 
     def begin_interval(self) -> None:
         """Start an observation interval (rwp: protect everything, async)."""
 
-    def scan_cold(self) -> np.ndarray:
-        """bool[npages]: present pages not used since ``begin_interval``/the last scan."""
+    def scan(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cold, present), bool[npages] each: pages present and not used since
+        ``begin_interval``/the last scan, and pages present at all."""
         raise NotImplementedError
+
+    def _present(self) -> np.ndarray:
+        return self._mask(self._scan(category_mask=uapi.PAGE_IS_PRESENT,
+                                     return_mask=uapi.PAGE_IS_PRESENT))
 
     def hold(self) -> None:
         """From now on accesses to protected pages block until resolved by the handler."""
@@ -75,20 +76,19 @@ class Tracker:
         self.k.uffd_wake(self.fd, addr, self.ps)
 
     def _scan(self, **kw: int) -> np.ndarray:
-        r = self.k.pagemap_scan(self.region.addr, self.region.addr + self.region.length, **kw)
-        return r.regions
+        return self.space.pagemap_scan(self.region.addr, self.region.end, **kw).regions
 
     def _mask(self, regions: np.ndarray, clear: np.ndarray | None = None) -> np.ndarray:
-        return PagePolicy.ranges_to_mask(regions, self.region.addr, self.npages, self.ps,
-                                         clear)
+        return ranges_to_mask(regions, self.region.addr, self.npages, self.ps, clear)
 
 
 class RwpTracker(Tracker):
     strategy = Strategy.RWP
     holds = True
 
-    def __init__(self, kernel: Kernel, fd: int, region: Region, features: int) -> None:
-        super().__init__(kernel, fd, region, features)
+    def __init__(self, kernel: Kernel, space: AddressSpace, fd: int, region: Region,
+                 features: int) -> None:
+        super().__init__(kernel, space, fd, region, features)
         self.rfc = kernel.dialect is Dialect.RFC
 
     @staticmethod
@@ -100,9 +100,11 @@ class RwpTracker(Tracker):
                 f |= uapi.UFFD_FEATURE_MINOR_SHMEM
         return f
 
-    def register_mode(self) -> int:
+    @staticmethod
+    def register_mode_for(dialect: Dialect, memtype: MemType) -> int:
         # RFC: tracking faults are MINOR faults (protnone on anon, zapped PTE on shmem).
-        track = uapi.UFFDIO_REGISTER_MODE_MINOR if self.rfc else uapi.UFFDIO_REGISTER_MODE_RWP
+        track = (uapi.UFFDIO_REGISTER_MODE_MINOR if dialect is Dialect.RFC
+                 else uapi.UFFDIO_REGISTER_MODE_RWP)
         return uapi.UFFDIO_REGISTER_MODE_MISSING | track
 
     def begin_interval(self) -> None:
@@ -112,24 +114,22 @@ class RwpTracker(Tracker):
         else:
             self.k.uffd_rwprotect(self.fd, r.addr, r.length, uapi.UFFDIO_RWPROTECT_MODE_RWP)
 
-    def scan_cold(self) -> np.ndarray:
+    def scan(self) -> tuple[np.ndarray, np.ndarray]:
+        present = self._present()
         if not self.rfc:
             accessed = self._scan(category_mask=uapi.PAGE_IS_ACCESSED,
                                   return_mask=uapi.PAGE_IS_ACCESSED)
             # Only a mapped (present) page is protected. On memfd a page that is cached but
             # unmapped would be mapped by an access without any uffd fault (no MINOR
             # registration here), even in sync mode: it must never be a victim.
-            present = self._mask(self._scan(category_mask=uapi.PAGE_IS_PRESENT,
-                                            return_mask=uapi.PAGE_IS_PRESENT))
-            return self._mask(accessed, clear=present)
+            return self._mask(accessed, clear=present.copy()), present
         if self.memfd:
-            # RFC: DEACTIVATE zaps shmem PTEs; a page still unmapped was not touched. Pages
-            # evicted or never populated are absent too - the caller masks by engine state.
-            present = self._mask(self._scan(category_mask=uapi.PAGE_IS_PRESENT,
-                                            return_mask=uapi.PAGE_IS_PRESENT))
-            return ~present
+            # RFC: DEACTIVATE zaps shmem PTEs; a page still unmapped was not touched, but
+            # it is not present either (and pages evicted or never populated are absent
+            # too): the page table's state tells them apart, the scan can't.
+            return ~present, present
         return self._mask(self._scan(category_mask=uapi.PAGE_IS_UFFD_DEACTIVATED,
-                                     return_mask=uapi.PAGE_IS_UFFD_DEACTIVATED))
+                                     return_mask=uapi.PAGE_IS_UFFD_DEACTIVATED)), present
 
     def hold(self) -> None:
         self.k.uffd_set_mode(self.fd, 0, uapi.UFFD_FEATURE_RWP_ASYNC)
@@ -161,9 +161,10 @@ class WpTracker(Tracker):
                   | uapi.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
         return f
 
-    def register_mode(self) -> int:
+    @staticmethod
+    def register_mode_for(dialect: Dialect, memtype: MemType) -> int:
         mode = uapi.UFFDIO_REGISTER_MODE_MISSING | uapi.UFFDIO_REGISTER_MODE_WP
-        if self.memfd:
+        if memtype is MemType.MEMFD:
             # MINOR: once a victim's PTE is zapped (MADV_DONTNEED), any access blocks as a
             # MINOR fault until the eviction commits or the handler CONTINUEs it.
             mode |= uapi.UFFDIO_REGISTER_MODE_MINOR
@@ -172,13 +173,13 @@ class WpTracker(Tracker):
     def begin_interval(self) -> None:
         pass  # the previous scan re-protected what it reported (PM_SCAN_WP_MATCHING)
 
-    def scan_cold(self) -> np.ndarray:
+    def scan(self) -> tuple[np.ndarray, np.ndarray]:
         # PAGEMAP_SCAN sees writes only before 7.3: a page merely read looks cold.
+        # Present first: a page faulted in between the two scans is then not "cold".
+        present = self._present()
         written = self._scan(category_mask=uapi.PAGE_IS_WRITTEN,
                              return_mask=uapi.PAGE_IS_WRITTEN, flags=uapi.PM_SCAN_WP_MATCHING)
-        present = self._mask(self._scan(category_mask=uapi.PAGE_IS_PRESENT,
-                                        return_mask=uapi.PAGE_IS_PRESENT))
-        return self._mask(written, clear=present)
+        return self._mask(written, clear=present.copy()), present
 
     def resolve(self, addr: int) -> None:
         if self.memfd:
@@ -188,10 +189,9 @@ class WpTracker(Tracker):
             self.k.uffd_wake(self.fd, addr, self.ps)
 
 
-def make_tracker(strategy: Strategy, kernel: Kernel, fd: int, region: Region,
-                 features: int) -> Tracker:
-    cls: type[Tracker] = RwpTracker if strategy is Strategy.RWP else WpTracker
-    return cls(kernel, fd, region, features)
+def make_tracker(strategy: Strategy, kernel: Kernel, space: AddressSpace, fd: int,
+                 region: Region, features: int) -> Tracker:
+    return tracker_class(strategy)(kernel, space, fd, region, features)
 
 
 def tracker_class(strategy: Strategy) -> type[Tracker]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .api import Dialect, Kernel, KernelError
+from .api import Backend, Dialect, Kernel, KernelError
 
 BACKENDS = ("linux", "fake-rwp", "fake-rfc")
 
 
-def open_kernel(backend: str, **kwargs: object) -> Kernel:
+def open_kernel(backend: str, **kwargs: object) -> Backend:
     """Open a backend by name: ``linux``, ``fake`` (= ``fake-rwp``), ``fake-rwp``, ``fake-rfc``."""
     if backend == "linux":
         from .linux import LinuxKernel
@@ -22,4 +22,4 @@ def open_kernel(backend: str, **kwargs: object) -> Kernel:
                      f"fake-rwp, fake-rfc")
 
 
-__all__ = ["BACKENDS", "Dialect", "Kernel", "KernelError", "open_kernel"]
+__all__ = ["BACKENDS", "Backend", "Dialect", "Kernel", "KernelError", "open_kernel"]

@@ -74,6 +74,10 @@ class Metrics:
         self.refaults = Counter(f"{NS}_refaults", "Evicted pages faulted back within "
                                 "tracking.refault_window intervals", ["region"],
                                 registry=registry)
+        self.discarded_pages = Counter(f"{NS}_guest_discarded_pages",
+                                       "Pages the guest discarded (MADV_DONTNEED/REMOVE, "
+                                       "munmap): new memory, their records dropped",
+                                       ["region"], registry=registry)
         self.poisoned_pages = Counter(f"{NS}_poisoned_pages", "Pages that could not be recovered "
                                 "and were poisoned (the guest sees a memory error)",
                                 ["region"], registry=registry)
@@ -105,6 +109,9 @@ class Metrics:
 
     def poisoned(self, region: str, pages: int) -> None:
         self.poisoned_pages.labels(region).inc(pages)
+
+    def discarded(self, region: str, pages: int, dropped: int) -> None:
+        self.discarded_pages.labels(region).inc(pages)
 
     def error(self, op: str, errno: int) -> None:
         self.errors.labels(op, _errno.errorcode.get(errno, str(errno))).inc()

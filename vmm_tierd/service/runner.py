@@ -67,7 +67,7 @@ class Service:
             kernel.close()
 
     async def _with_kernel(self, kernel: Any) -> int:
-        from ..engine.daemon import Engine
+        from ..engine.engine import Engine
         from ..engine.store import PageStore
 
         s = self.settings
@@ -86,7 +86,7 @@ class Service:
             registry = CollectorRegistry()
             metrics = Metrics(registry, [r.name for r in s.regions], on_cycle=self._cycle_seen)
             try:
-                engine = Engine(kernel, s, store=store, observer=metrics)
+                engine = Engine(kernel, s, store=store, observer=metrics, guest_side=kernel)
             except (ValueError, RuntimeError) as e:
                 log.error("%s", e)
                 return 1

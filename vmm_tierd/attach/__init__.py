@@ -1,0 +1,1 @@
+"""Tiering another process's memory: a VMM beside the daemon (attach, handoff)."""
