@@ -16,7 +16,8 @@ import pytest
 
 # cases*.py and harness.py hold the asserts: have pytest explain them like test modules.
 pytest.register_assert_rewrite("tests.conformance.cases", "tests.conformance.cases_rwp",
-                             "tests.conformance.harness")
+                             "tests.conformance.cases_remote", "tests.conformance.harness",
+                             "tests.conformance.harness_remote")
 
 GUARD_S = float(os.environ.get("VMM_TIERD_CONFORMANCE_GUARD", "120"))
 

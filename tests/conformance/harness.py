@@ -33,6 +33,7 @@ from vmm_tierd.kernel.api import (
     MemType,
     PageFault,
     Region,
+    ScanResult,
     UffdEvent,
     dialect_names,
 )
@@ -289,11 +290,15 @@ class Ctx:
     def scan_pages(self, region: Region | None = None, **kw: int) -> set[int]:
         """Page indexes (within ``region``) that PAGEMAP_SCAN returns."""
         r = region or self.region
-        res = self.kernel.pagemap_scan(r.addr, r.addr + r.length, **kw)
+        res = self.pagemap_scan(r.addr, r.addr + r.length, **kw)
         out: set[int] = set()
         for start, end, _cat in np.asarray(res.regions, dtype=np.uint64).reshape(-1, 3):
             out.update(range((int(start) - r.addr) // self.ps, (int(end) - r.addr) // self.ps))
         return out
+
+    def pagemap_scan(self, start: int, end: int, **kw: int) -> ScanResult:
+        """PAGEMAP_SCAN over the address space the uffd's memory lives in."""
+        return self.kernel.pagemap_scan(start, end, **kw)
 
     def cold_scan(self) -> set[int]:
         """Pages not accessed since they were protected."""
@@ -375,7 +380,7 @@ def skip_reason(case: Case, backend: str, mem: MemType, dialect: Dialect,
     return None
 
 
-def _open(backend: str) -> Backend:
+def open_backend(backend: str) -> Backend:
     module = "vmm_tierd.kernel." + ("linux" if backend == "linux" else "fake")
     try:
         return open_kernel(backend)
@@ -389,7 +394,7 @@ def _open(backend: str) -> Backend:
 def context(backend: str, mem: MemType, case: Case) -> Iterator[Ctx]:
     if mem not in case.mem:
         pytest.skip(f"{backend}-{mem.value}: {case.mem_reason or 'not applicable'}")
-    kernel = _open(backend)
+    kernel = open_backend(backend)
     try:
         granted = kernel.capabilities().features
         reason = skip_reason(case, backend, mem, kernel.dialect, granted)

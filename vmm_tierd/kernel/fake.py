@@ -5,8 +5,18 @@
 ``fake-rfc``). Everything else follows Linux 6.18 as measured on the host. uffd fds are
 real eventfds, readable iff a message is pending, so trio's ``wait_readable`` works.
 
-Modules: fake_state (address space, contexts), fake_uffd (API/register/read/events),
-fake_ops (page ioctls), fake_scan (PAGEMAP_SCAN), fake_guest (vCPUs and workloads).
+Modules: fake_state (address spaces, contexts), fake_uffd (API/register/read/events),
+fake_ops (page ioctls), fake_mem (mmap/madvise/memfd files), fake_scan (PAGEMAP_SCAN),
+fake_guest (accesses), fake_workload (workloads), fake_proc (simulated VMM processes),
+fake_remote (``Process`` handles on them), fake_inject (syscalls injected into them).
+
+Processes. The FakeKernel is this process (the daemon): ``mm``, ``uffds``, ``files``
+are its address space and fds. ``spawn_process`` makes simulated VMMs with their own
+(fake_proc), ``open_process`` a ``Process`` handle on one (fake_remote). A uffd context
+belongs to the mm of the process that created it and every ioctl acts there, whoever
+calls, except that UFFDIO_MOVE is EINVAL when that mm is not this process's; it is
+released only when the last fd referring to it, in any process, is closed. ``crash()``
+is this process's death (and restart).
 
 Semantics checked against the real 6.18 kernel (tests/test_fake_vs_linux.py), notably:
 - a partial COPY/ZEROPAGE/CONTINUE/POISON/MOVE reports the bytes done and fails EAGAIN;
@@ -20,7 +30,10 @@ Semantics checked against the real 6.18 kernel (tests/test_fake_vs_linux.py), no
   bit" inside RWP VMAs, so a page never protected, or freshly COPY'd, reads as accessed.
 
 Test hooks: ``inject(op, errno, count, after)`` fails the named op (the same op names
-``KernelError.op`` carries, e.g. "UFFDIO_COPY", "madvise", "PAGEMAP_SCAN");
+``KernelError.op`` carries, e.g. "UFFDIO_COPY", "madvise", "PAGEMAP_SCAN", and those of
+fake_remote: "pidfd_open", "pidfd_getfd", "ptrace(SEIZE)", "process_vm_readv", ...); a
+syscall injected into a VMM answers to "NAME(injected)" and to its plain name (so
+"userfaultfd" hits this process's uffd_open too) and returns -errno instead of raising.
 ``calls[op]`` counts calls.
 """
 
@@ -28,43 +41,29 @@ from __future__ import annotations
 
 import errno
 import os
-
-import numpy as np
+from collections.abc import Callable
 
 from . import uapi
 from .api import (
     Capabilities,
     Dialect,
     KernelError,
-    MemType,
     Region,
     choose_strategy,
     dialect_names,
 )
 from .fake_guest import GuestMixin
-from .fake_ops import OpsMixin
+from .fake_mem import MemMixin
+from .fake_proc import FakeVmm
+from .fake_remote import FakeProcess
 from .fake_scan import ScanMixin
-from .fake_state import (
-    F_PRESENT,
-    F_PROTNONE,
-    F_PT,
-    F_RWP,
-    F_WP,
-    MODE_WP,
-    PAGE,
-    PT_PAGES,
-    TASK_SIZE,
-    Mapping,
-    MemFile,
-    materialize,
-)
-from .process import Process
+from .fake_state import PAGE, Mm
 
-_NOOP_ADVICE = {0, 1, 2, 3, uapi.MADV_HUGEPAGE, uapi.MADV_NOHUGEPAGE, uapi.MADV_COLD,
-                uapi.MADV_PAGEOUT}  # NORMAL, RANDOM, SEQUENTIAL, WILLNEED, ...
+FIRST_PID = 4200
+FIRST_START_TIME = 170000  # clock ticks since the fake boot
 
 
-class FakeKernel(OpsMixin, ScanMixin, GuestMixin):
+class FakeKernel(MemMixin, ScanMixin, GuestMixin):
     page_size = PAGE
 
     def __init__(self, dialect: Dialect = Dialect.RWP) -> None:
@@ -75,6 +74,10 @@ class FakeKernel(OpsMixin, ScanMixin, GuestMixin):
         super().__init__(dialect)
         self.name = name
         self._closed = False
+        self.procs: dict[int, FakeVmm] = {}  # running simulated processes, by pid
+        self.handles: set[FakeProcess] = set()  # this process's open Process handles
+        self._next_pid = FIRST_PID
+        self._next_start = FIRST_START_TIME
 
     # ---- test hooks -----------------------------------------------------------------
     def inject(self, op: str, err: int, count: int = 1, after: int = 0) -> None:
@@ -95,196 +98,91 @@ class FakeKernel(OpsMixin, ScanMixin, GuestMixin):
                     inj[1] -= 1
                     raise KernelError(op, inj[0], 0, "injected")
 
-    # ---- memory -----------------------------------------------------------------------
-    def map_anon(self, length: int) -> Region:
-        with self.lock:
-            self.enter("mmap(anon)")
-            self._check_len("mmap(anon)", length)
-            m = Mapping(self.alloc_addr(length), length, MemType.ANON)
-            self._add(m)
-            return Region(m.addr, length, MemType.ANON)
-
-    def map_memfd(self, length: int, name: str = "guest") -> Region:
-        with self.lock:
-            self.enter("mmap(memfd)")
-            self._check_len("mmap(memfd)", length)
-            fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # reserves a unique fd
-            f = MemFile(fd, name, length)
-            self.files[fd] = f
-            m = Mapping(self.alloc_addr(length), length, MemType.MEMFD, f, 0)
-            f.maps.append(m)
-            self._add(m)
-            return Region(m.addr, length, MemType.MEMFD, fd=fd, offset=0)
-
-    @staticmethod
-    def _check_len(op: str, length: int) -> None:
-        if length <= 0 or length % PAGE or length > TASK_SIZE:
-            raise KernelError(op, errno.EINVAL, 0, f"length {length}")
-
-    def _add(self, m: Mapping) -> None:
-        self.maps.append(m)
-        self.maps.sort(key=lambda x: x.addr)
-
-    def unmap(self, region: Region) -> None:
-        with self.lock:
-            self.enter("munmap")
-            m = self.find(region.addr)
-            if m is None or m.addr != region.addr or m.length != region.length:
-                raise KernelError("munmap", errno.EINVAL, 0, f"no mapping 0x{region.addr:x}")
-            events = self.unmap_events(m, region.addr, region.addr + region.length)
-            self.maps.remove(m)
-            for u in {id(s.ctx): s.ctx for s in m.segs if s.ctx is not None}.values():
-                # blocked accessors retry and find no mapping (SIGSEGV -> EFAULT)
-                self.wake_range(u, m.addr, m.length)
-            if m.file is not None:
-                m.file.maps.remove(m)
-                if region.fd >= 0:
-                    self.files.pop(region.fd, None)
-                    os.close(region.fd)
-            self.post_events(events)  # munmap returns once UNMAP was read
-
-    def madvise(self, addr: int, length: int, advice: int) -> None:
-        op = f"madvise({advice})"
-        with self.lock:
-            self.enter(op)
-            if addr % PAGE or length < 0:
-                raise KernelError(op, errno.EINVAL)
-            length = -(-length // PAGE) * PAGE
-            if length == 0:
-                return
-            if advice not in _NOOP_ADVICE and advice not in (uapi.MADV_DONTNEED,
-                                                             uapi.MADV_REMOVE):
-                raise KernelError(op, errno.EINVAL, 0, f"advice {advice} not modelled")
-            end = addr + length
-            parts = self.maps_in(addr, end)
-            covered = sum((hi - lo) * PAGE for _m, lo, hi in parts)
-            if advice == uapi.MADV_REMOVE:
-                if any(m.file is None for m, _lo, _hi in parts):
-                    raise KernelError(op, errno.EINVAL, 0, "MADV_REMOVE on private memory")
-            if advice in (uapi.MADV_DONTNEED, uapi.MADV_REMOVE):
-                for m, lo, hi in parts:
-                    # userfaultfd_remove(): REMOVE is queued and madvise waits until it
-                    # is read; meanwhile page ops fail with EAGAIN (mmap_changing).
-                    self.post_events(self.remove_events(m, lo, hi))
-                    if m not in self.maps:
-                        continue
-                    if advice == uapi.MADV_DONTNEED:
-                        self._zap(m, lo, hi)
-                    else:
-                        assert m.file is not None
-                        self._punch(m.file, m.fpgoff + lo, m.fpgoff + hi)
-            if covered != length:
-                raise KernelError(op, errno.ENOMEM, 0, "part of the range is not mapped")
-
-    def _zap(self, m: Mapping, lo: int, hi: int) -> None:
-        if m.file is None:
-            # zap on anonymous memory drops everything, markers included
-            m.flags[lo:hi] &= F_PT
-            for pg in [k for k in m.data if lo <= k < hi]:
-                del m.data[pg]
-        else:
-            for s, a, b in m.segs_in(lo, hi):
-                self.zap_shmem(m, s, a, b)
-        # PT reclaim (measured): a PTE table whose whole 2 MiB the zap covered, and that
-        # is empty afterwards, is freed; its pages become a hole again.
-        for x in range(-(-lo // PT_PAGES) * PT_PAGES, hi - PT_PAGES + 1, PT_PAGES):
-            blk = m.flags[x:x + PT_PAGES]
-            if not np.any(blk & (~F_PT & 0xFF)):
-                blk[:] = 0
-
-    def _punch(self, f: MemFile, lo: int, hi: int) -> None:
-        """Drop file pages [lo, hi): page cache and every mapping's PTEs."""
-        f.cached[lo:hi] = False
-        for k in [k for k in f.data if lo <= k < hi]:
-            del f.data[k]
-        for m in f.maps:
-            a, b = max(lo - m.fpgoff, 0), min(hi - m.fpgoff, m.npages)
-            for s, x, y in m.segs_in(a, b):
-                fl = m.flags[x:y]
-                keep = F_PT | (F_WP if s.mode & MODE_WP else 0)
-                present_or_wp = (fl & (F_PRESENT | F_WP)) != 0
-                fl[present_or_wp] &= keep
-                fl &= ~(F_RWP | F_PROTNONE) & 0xFF
-
-    def punch_hole(self, fd: int, offset: int, length: int) -> None:
-        op = "fallocate(PUNCH_HOLE)"
-        with self.lock:
-            self.enter(op)
-            f = self.files.get(fd)
-            if f is None:
-                raise KernelError(op, errno.EBADF, 0, f"fd {fd} is not a fake memfd")
-            if offset < 0 or length <= 0:
-                raise KernelError(op, errno.EINVAL)
-            end = min(offset + length, f.size)
-            lo, hi = -(-offset // PAGE), end // PAGE
-            for pg in {offset // PAGE, end // PAGE}:  # partial pages are zeroed in place
-                if pg < len(f.cached) and not lo <= pg < hi and f.cached[pg]:
-                    a = max(offset, pg * PAGE) - pg * PAGE
-                    b = min(end, (pg + 1) * PAGE) - pg * PAGE
-                    if a < b:
-                        page = bytearray(materialize(f.data.get(pg)))
-                        page[a:b] = bytes(b - a)
-                        f.data[pg] = bytes(page)
-            if lo < hi:
-                self._punch(f, lo, hi)
-
-    def pread(self, fd: int, offset: int, length: int) -> bytes:
-        with self.lock:
-            self.enter("pread")
-            f = self.files.get(fd)
-            if f is None:
-                raise KernelError("pread", errno.EBADF, 0, f"fd {fd} is not a fake memfd")
-            if offset < 0 or length < 0:
-                raise KernelError("pread", errno.EINVAL)
-            end = min(offset + length, f.size)
-            out = bytearray()
-            pos = offset
-            while pos < end:
-                pg, off = divmod(pos, PAGE)
-                n = min(PAGE - off, end - pos)
-                out += materialize(f.data.get(pg))[off:off + n]
-                pos += n
-            if len(out) < length:
-                raise KernelError("pread", errno.EIO, len(out), f"short read at offset {end}")
-            return bytes(out)
-
-    def file_data_runs(self, fd: int, offset: int, length: int) -> np.ndarray:
-        with self.lock:
-            self.enter("lseek(SEEK_DATA)")
-            f = self.files.get(fd)
-            if f is None:
-                raise KernelError("lseek(SEEK_DATA)", errno.EBADF, 0, f"fd {fd}")
-            lo, hi = offset // PAGE, min(-(-(offset + length) // PAGE), len(f.cached))
-            c = f.cached[lo:hi].view(np.int8)
-            edges = np.flatnonzero(np.diff(c, prepend=0, append=0))
-            runs = edges.reshape(-1, 2).astype(np.int64) + lo
-            runs *= PAGE
-            np.clip(runs, offset, offset + length, out=runs)
-            return runs
-
-    def read_unregistered(self, addr: int, length: int) -> bytes:
-        """Bytes of present, accessible pages; EFAULT where a real load would fault."""
-        op = "read_unregistered"
-        with self.lock:
-            self.enter(op)
-            out = bytearray()
-            pos, end = addr, addr + length
-            while pos < end:
-                m = self.find(pos)
-                if m is None:
-                    raise KernelError(op, errno.EFAULT, len(out), f"0x{pos:x} not mapped")
-                pg, off = divmod(pos - m.addr, PAGE)
-                f = int(m.flags[pg])
-                if not f & F_PRESENT or f & (F_RWP | F_PROTNONE):
-                    raise KernelError(op, errno.EFAULT, len(out), f"0x{pos:x} would fault")
-                n = min(PAGE - off, end - pos)
-                out += materialize(m.get_content(pg))[off:off + n]
-                pos += n
-            return bytes(out)
-
     # ---- other processes --------------------------------------------------------------
-    def open_process(self, pid: int) -> Process:
-        raise NotImplementedError("open_process: not implemented yet")
+    def spawn_process(self, ram_bytes: int, *, vcpus: int = 1,
+                      name: str = "memory-backend-memfd", comm: str = "qemu-system-x86",
+                      pid: int | None = None, privileged: bool = True) -> FakeVmm:
+        """A simulated VMM with ``ram_bytes`` of memfd RAM mapped MAP_SHARED (fake_proc).
+        ``pid`` asks for a given pid (free, e.g. one an exited process had: a reused pid,
+        told apart by the start time); ``privileged`` False makes an injected
+        userfaultfd() fail EPERM unless UFFD_USER_MODE_ONLY is asked."""
+        if ram_bytes <= 0 or ram_bytes % PAGE:
+            raise ValueError(f"spawn_process: ram_bytes {ram_bytes} is not whole pages")
+        if vcpus < 1:
+            raise ValueError(f"spawn_process: vcpus must be >= 1, not {vcpus}")
+        with self.lock:
+            if self._closed:
+                raise ValueError("spawn_process: the fake kernel is closed")
+            used = {t for v in self.procs.values() for t in v.tids}
+            if pid is None:
+                pid = self._alloc_id(used)
+            elif pid <= 0 or pid in used:
+                raise ValueError(f"spawn_process: pid {pid} is in use or invalid")
+            used.add(pid)
+            tids = []
+            for _ in range(vcpus):
+                tids.append(self._alloc_id(used))
+                used.add(tids[-1])
+            self._next_start += 137
+            vmm = FakeVmm(self, pid, tids, self._next_start, ram_bytes, name, comm,
+                          privileged)
+            self.procs[pid] = vmm
+            return vmm
+
+    def _alloc_id(self, used: set[int]) -> int:
+        while self._next_pid in used:
+            self._next_pid += 1
+        self._next_pid += 1
+        return self._next_pid - 1
+
+    def reap(self, vmm: FakeVmm) -> None:
+        """``vmm`` exited: its pid is free again (its own exit calls this)."""
+        if self.procs.get(vmm.pid) is vmm:
+            del self.procs[vmm.pid]
+
+    def open_process(self, pid: int) -> FakeProcess:
+        with self.lock:
+            self.enter("pidfd_open")
+            vmm = self.procs.get(pid)
+            if vmm is None:
+                raise KernelError("pidfd_open", errno.ESRCH, 0, f"no process {pid}")
+            h = FakeProcess(self, vmm)
+            self.handles.add(h)
+            return h
+
+    def owner_mm(self, region: Region) -> tuple[Mm, Callable[[], int]]:
+        if region.owner.is_self:
+            return self.mm, self.new_tid
+        with self.lock:
+            vmm = self.procs.get(region.owner.pid)
+            if vmm is None or vmm.owner != region.owner:
+                raise ValueError(f"region at 0x{region.addr:x}: owner {region.owner} is "
+                                 "not a running process of this fake kernel")
+            return vmm.mm, vmm.vcpu_tid
+
+    def crash(self) -> None:
+        """This process dies (the daemon is killed): every fd it holds is closed - uffd
+        copies (a context goes with its last reference: if the VMM kept its own, its
+        faults stay queued for a later ``getfd``; if not, it is released and the VMM
+        reads holes in its memfd as zeros), memfd copies, pidfds - and its address
+        space is torn down (its own accessors end with ESRCH). The kernel then stands
+        for the restarted daemon: empty fd table, fresh address space, same simulated
+        processes. As on Linux, a fault the dead daemon had already read is not
+        delivered again to the new copy: it waits until a COPY/ZEROPAGE/WAKE covers it."""
+        with self.lock:
+            self._drop_fds()
+            self.teardown_mm(self.mm)
+            self.mm = Mm()
+
+    def _drop_fds(self) -> None:
+        for fd, u in list(self.uffds.items()):
+            del self.uffds[fd]
+            os.close(fd)
+            self.unref(u)
+        for fd in list(self.files):
+            self.close_file(fd)
+        for h in list(self.handles):
+            h.close()
 
     # ---- capabilities / close -----------------------------------------------------------
     def capabilities(self) -> Capabilities:
@@ -303,12 +201,9 @@ class FakeKernel(OpsMixin, ScanMixin, GuestMixin):
             if self._closed:
                 return
             self._closed = True
-            for u in list(self.uffds.values()):
-                self._release(u)
-                os.close(u.fd)
-            for fd in list(self.files):
-                os.close(fd)
-            self.files.clear()
+            for vmm in list(self.procs.values()):
+                vmm.exit()
+            self._drop_fds()
             self.maps.clear()
             self.cv.notify_all()
 

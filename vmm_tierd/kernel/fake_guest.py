@@ -8,10 +8,9 @@ SET_MODE-to-async/UNREGISTER/close wakes it, then retries the whole fault.
 
 from __future__ import annotations
 
+import errno
 import threading
-import time
-
-import numpy as np
+from collections.abc import Callable
 
 from . import uapi
 from .api import (
@@ -19,13 +18,11 @@ from .api import (
     AccessResult,
     AccessStatus,
     PageFault,
-    Pattern,
     Region,
-    VerifyReport,
     WorkloadSpec,
-    WorkloadStats,
 )
 from .fake_state import (
+    EFAULT,
     F_POISON,
     F_PRESENT,
     F_PROTNONE,
@@ -33,21 +30,24 @@ from .fake_state import (
     F_RWP,
     F_WP,
     F_ZERO,
+    GONE,
     MODE_MINOR,
     MODE_MISSING,
     MODE_RWP,
     MODE_WP,
+    OK,
     PAGE,
+    SIGBUS,
     Content,
     Mapping,
+    Mm,
     Uffd,
     Waiter,
     materialize,
 )
 from .fake_uffd import UffdMixin
-from .stamps import workload_layout
+from .fake_workload import FakeWorkload
 
-OK, SIGBUS, EFAULT = 0, 1, 2
 _W = uapi.UFFD_PAGEFAULT_FLAG_WRITE
 
 
@@ -104,12 +104,15 @@ class GuestMixin(UffdMixin):
         m.flags[pg] = f
         return None
 
-    def fault_in(self, addr: int, write: bool, gup: bool, tid: int
+    def fault_in(self, addr: int, write: bool, gup: bool, tid: int, mm: Mm | None = None
                  ) -> tuple[int, Mapping | None, int]:
-        """Make the page at ``addr`` accessible, blocking like handle_userfault().
-        Caller holds ``self.lock``; the wait releases it."""
+        """Make the page at ``addr`` of ``mm`` (default: this process's) accessible,
+        blocking like handle_userfault(). Caller holds ``self.lock``; the wait releases it."""
+        mm = self.mm if mm is None else mm
         while True:
-            m = self.find(addr)
+            if mm.dead:
+                return GONE, None, 0
+            m = mm.find(addr)
             if m is None:
                 return EFAULT, None, 0
             pg = (addr - m.addr) // PAGE
@@ -127,41 +130,61 @@ class GuestMixin(UffdMixin):
             ptid = tid if u.has(uapi.UFFD_FEATURE_THREAD_ID) else 0
             waiter = Waiter(addr & ~(PAGE - 1), PageFault(report, flags, ptid))
             u.pending.append(waiter)
-            u.sync_readiness()
-            while not waiter.woken and not u.released:
+            self.queued(u)
+            while not waiter.woken and not u.released and not mm.dead:
                 self.cv.wait()
 
     def _do_access(self, addr: int, kind: AccessKind, length: int, data: bytes,
-                   tid: int) -> AccessResult:
+                   tid: int, mm: Mm | None = None) -> AccessResult:
         write = kind is AccessKind.WRITE
-        gup = kind is AccessKind.GUP_READ
-        out = bytearray()
-        pos = addr
-        end = addr + length
         with self.lock:
-            while pos < end:
-                st, m, pg = self.fault_in(pos, write, gup, tid)
-                if st == SIGBUS:
-                    return AccessResult(AccessStatus.SIGBUS, bytes(out))
-                if st == EFAULT or m is None:
-                    return AccessResult(AccessStatus.ERROR, bytes(out), 14)  # EFAULT
-                off = pos % PAGE
-                n = min(PAGE - off, end - pos)
-                if write:
-                    chunk = data[pos - addr:pos - addr + n]
-                    if n == PAGE:
-                        m.set_content(pg, bytes(chunk))
-                    else:
-                        page = bytearray(materialize(m.get_content(pg)))
-                        page[off:off + n] = chunk
-                        m.set_content(pg, bytes(page))
+            st, out, _done = self.copy_vm(self.mm if mm is None else mm, addr, length,
+                                          data if write else None,
+                                          kind is AccessKind.GUP_READ, tid)
+        if st == SIGBUS:
+            return AccessResult(AccessStatus.SIGBUS, out)
+        if st == GONE:
+            return AccessResult(AccessStatus.ERROR, out, errno.ESRCH)
+        if st != OK:
+            return AccessResult(AccessStatus.ERROR, out, errno.EFAULT)
+        return AccessResult(AccessStatus.OK, out)
+
+    def copy_vm(self, mm: Mm, addr: int, length: int, data: bytes | None, gup: bool,
+                tid: int) -> tuple[int, bytes, int]:
+        """Read ``length`` bytes at ``addr`` of ``mm`` (``data`` None) or write ``data``
+        there, faulting pages in as the accessor would (``gup``: as the kernel does for
+        process_vm_readv/writev or copy_from_user, so UFFD_USER_MODE_ONLY and
+        UFFD_FEATURE_SIGBUS give EFAULT). Returns (status, bytes read, bytes done).
+        Caller holds the lock."""
+        write = data is not None
+        out = bytearray()
+        pos, end = addr, addr + length
+        while pos < end:
+            st, m, pg = self.fault_in(pos, write, gup, tid, mm)
+            if st != OK or m is None:
+                return (st if st != OK else EFAULT), bytes(out), pos - addr
+            off = pos % PAGE
+            n = min(PAGE - off, end - pos)
+            if data is not None:
+                chunk = data[pos - addr:pos - addr + n]
+                if n == PAGE:
+                    m.set_content(pg, bytes(chunk))
                 else:
-                    out += materialize(m.get_content(pg))[off:off + n]
-                pos += n
-        return AccessResult(AccessStatus.OK, bytes(out))
+                    page = bytearray(materialize(m.get_content(pg)))
+                    page[off:off + n] = chunk
+                    m.set_content(pg, bytes(page))
+            else:
+                out += materialize(m.get_content(pg))[off:off + n]
+            pos += n
+        return OK, bytes(out), length
 
     def start_access(self, addr: int, kind: AccessKind, length: int = 1,
                      data: bytes = b"") -> FakeAccess:
+        return self.access_in(self.mm, self.new_tid, addr, kind, length, data)
+
+    def access_in(self, mm: Mm, new_tid: Callable[[], int], addr: int, kind: AccessKind,
+                  length: int, data: bytes) -> FakeAccess:
+        """An access to ``mm`` by a thread whose tid ``new_tid()`` gives."""
         if kind is AccessKind.WRITE:
             data = bytes(data) if data else b"\x5a" * length
             length = len(data)
@@ -169,32 +192,42 @@ class GuestMixin(UffdMixin):
             raise ValueError(f"start_access: bad address 0x{addr:x} or length {length}")
         with self.lock:
             self.enter("start_access")
-            tid = self.new_tid()
+            tid = new_tid()
         acc = FakeAccess(tid)
 
         def run() -> None:
-            acc.finish(self._do_access(addr, kind, length, data, tid))
+            acc.finish(self._do_access(addr, kind, length, data, tid, mm))
 
         threading.Thread(target=run, name=f"fake-vcpu-{tid}", daemon=True).start()
         return acc
 
-    def touch(self, m_addr: int, write: bool, content: Content | None, tid: int) -> int:
-        """One whole-page access by a workload/verify thread; returns OK/SIGBUS/EFAULT."""
+    def touch(self, m_addr: int, write: bool, content: Content | None, tid: int,
+              mm: Mm | None = None) -> int:
+        """One whole-page access by a workload/verify thread; returns OK/SIGBUS/EFAULT/GONE."""
         with self.lock:
-            st, m, pg = self.fault_in(m_addr, write, False, tid)
+            st, m, pg = self.fault_in(m_addr, write, False, tid, mm)
             if st == OK and write and m is not None:
                 m.set_content(pg, content)
             return st
 
-    def read_page(self, addr: int, tid: int) -> tuple[int, Content | None]:
+    def read_page(self, addr: int, tid: int, mm: Mm | None = None
+                  ) -> tuple[int, Content | None]:
         with self.lock:
-            st, m, pg = self.fault_in(addr, False, False, tid)
+            st, m, pg = self.fault_in(addr, False, False, tid, mm)
             if st != OK or m is None:
                 return st, None
             return OK, m.get_content(pg)
 
     def start_workload(self, region: Region, spec: WorkloadSpec) -> FakeWorkload:
-        return FakeWorkload(self, region, spec)
+        mm, new_tid = self.owner_mm(region)
+        return FakeWorkload(self, region, spec, mm, new_tid)
+
+    def owner_mm(self, region: Region) -> tuple[Mm, Callable[[], int]]:
+        """The address space ``region.owner`` names, and how its threads get tids."""
+        if region.owner.is_self:
+            return self.mm, self.new_tid
+        raise ValueError(f"region at 0x{region.addr:x}: owner {region.owner} is not "
+                         "a process of this fake kernel")
 
 
 class FakeAccess:
@@ -221,163 +254,3 @@ class FakeAccess:
 
     def __repr__(self) -> str:
         return f"FakeAccess(tid={self._tid}, done={self.done()})"
-
-
-class FakeWorkload:
-    """``spec.threads`` simulated vCPUs stamping one region. Page ``p`` is written only by
-    thread ``p % threads``, so each page's versions are totally ordered."""
-
-    def __init__(self, kernel: GuestMixin, region: Region, spec: WorkloadSpec) -> None:
-        if region.length % PAGE or region.length <= 0:
-            raise ValueError(f"workload: region length {region.length} is not whole pages")
-        if spec.threads < 1:
-            raise ValueError(f"workload: threads must be >= 1, not {spec.threads}")
-        self.k = kernel
-        self.region = region
-        self.spec = spec
-        self.npages = region.length // PAGE
-        self.zero_mask, self.perm, self.cdf = workload_layout(self.npages, spec)
-        self.last = np.zeros(self.npages, dtype=np.uint64)
-        self._stats = WorkloadStats()
-        self._slock = threading.Lock()
-        self._stop = threading.Event()
-        self._touched = 0
-        self._t0 = time.monotonic()
-        self._threads = [threading.Thread(target=self._run, args=(t,), daemon=True,
-                                          name=f"fake-workload-{t}")
-                         for t in range(spec.threads)]
-        for th in self._threads:
-            th.start()
-
-    def _access(self, p: int, write: bool, tid: int) -> None:
-        addr = self.region.addr + p * PAGE
-        if write:
-            v = int(self.last[p]) + 1
-            st = self.k.touch(addr, True, (p, v), tid)
-            if st == OK:
-                self.last[p] = v
-        else:
-            st = self.k.touch(addr, False, None, tid)
-        with self._slock:
-            if st == SIGBUS:
-                self._stats.sigbus += 1
-            elif st != OK:
-                pass  # unmapped under us (kernel closed): not an access
-            elif write:
-                self._stats.writes += 1
-            else:
-                self._stats.reads += 1
-
-    def _picks(self, rng: np.random.Generator, t: int, cursor: int) -> np.ndarray:
-        n, spec = self.npages, self.spec
-        hot = max(1, int(spec.hot_fraction * n))
-        size = 256
-        if spec.pattern is Pattern.ZIPF:
-            assert self.perm is not None and self.cdf is not None
-            ranks = np.minimum(np.searchsorted(self.cdf, rng.random(size)), n - 1)
-            pages = self.perm[ranks].astype(np.int64)
-        elif spec.pattern is Pattern.SEQUENTIAL:
-            pages = (cursor + np.arange(size, dtype=np.int64) * spec.threads) % n
-        elif spec.pattern is Pattern.SHIFTING:
-            shift = int((time.monotonic() - self._t0) / max(spec.shift_period_s, 1e-3))
-            pages = (shift * hot + rng.integers(0, hot, size)) % n
-        else:
-            pages = rng.integers(0, hot, size)
-        pages = pages - pages % spec.threads + t
-        return np.where(pages >= n, pages - spec.threads, pages)
-
-    def _run(self, t: int) -> None:
-        spec = self.spec
-        tid = 0
-        with self.k.lock:
-            tid = self.k.new_tid()
-        rng = np.random.default_rng([spec.seed, t])
-        if spec.touch_all_first:
-            for p in range(t, self.npages, spec.threads):
-                if self._stop.is_set():
-                    break
-                if not self.zero_mask[p]:
-                    self._access(p, True, tid)
-        with self._slock:
-            self._touched += 1
-        cursor = t
-        delay = 1.0 / spec.ops_per_sec if spec.ops_per_sec > 0 else 0.0
-        while not self._stop.is_set():
-            pages = self._picks(rng, t, cursor)
-            cursor = int(pages[-1]) + spec.threads
-            writes = rng.random(len(pages)) < spec.write_fraction
-            for p, w in zip(pages.tolist(), writes.tolist(), strict=True):
-                if self._stop.is_set() or p < 0:
-                    break
-                self._access(p, bool(w) and not self.zero_mask[p], tid)
-                if delay:
-                    time.sleep(delay)
-            time.sleep(0)  # let the daemon's threads have the GIL
-
-    def stats(self) -> WorkloadStats:
-        with self._slock:
-            s = self._stats
-            return WorkloadStats(reads=s.reads, writes=s.writes, sigbus=s.sigbus)
-
-    def touched(self) -> bool:
-        with self._slock:
-            return self._touched == self.spec.threads
-
-    def running(self) -> int:
-        return sum(th.is_alive() for th in self._threads)
-
-    def stop(self) -> WorkloadStats:
-        """Stop and join (a thread blocked on a fault needs the fault served first)."""
-        self._stop.set()
-        for th in self._threads:
-            while th.is_alive():
-                th.join(0.5)
-        return self.stats()
-
-    def versions(self) -> np.ndarray:
-        return self.last.copy()
-
-    def set_version_for_test(self, page: int, version: int) -> None:
-        if not 0 <= page < self.npages:
-            raise IndexError(f"page {page} outside the workload's {self.npages} pages")
-        self.last[page] = version
-
-    def verify(self) -> VerifyReport:
-        """Read every page (faulting evicted ones back in) and check its stamp."""
-        rep = VerifyReport(pages=self.npages)
-        with self.k.lock:
-            tid = self.k.new_tid()
-        for p in range(self.npages):
-            st, c = self.k.read_page(self.region.addr + p * PAGE, tid)
-            want = int(self.last[p])
-            bad = False
-            if st != OK:
-                rep.poisoned_pages += 1
-                bad = True
-            else:
-                idx, ver = _stamp_of(c)
-                if want == 0:
-                    bad = c is not None and any(materialize(c))
-                    rep.corrupt_pages += bad
-                elif idx == -1 and ver == 0 and not any(materialize(c)):
-                    rep.lost_writes += 1
-                    bad = True
-                elif idx != p or ver > want or (isinstance(c, bytes)
-                                                and c != materialize((p, ver))):
-                    rep.corrupt_pages += 1
-                    bad = True
-                elif ver < want:
-                    rep.lost_writes += 1
-                    bad = True
-            if bad and len(rep.bad) < 16:
-                rep.bad.append(p)
-        return rep
-
-
-def _stamp_of(c: Content | None) -> tuple[int, int]:
-    if c is None:
-        return -1, 0
-    if isinstance(c, tuple):
-        return c
-    head = np.frombuffer(c[:16], dtype="<u8")
-    return int(head[0]) - 1, int(head[1])

@@ -46,7 +46,7 @@ MARKERS = F_WP | F_POISON
 class OpsMixin(UffdMixin):
     def _dst(self, op: str, u: Uffd, dst: int, length: int) -> tuple[Mapping, int, int, Seg]:
         """find_dst_vma(): [dst, dst+len) inside one registered VMA, else ENOENT."""
-        m = self.find(dst)
+        m = u.mm.find(dst)
         if m is None or dst + length > m.end:
             raise KernelError(op, errno.ENOENT, 0, f"0x{dst:x}+{length} not in one mapping")
         lo = (dst - m.addr) // PAGE
@@ -67,6 +67,7 @@ class OpsMixin(UffdMixin):
             check_range(op, dst, length)
             if mode & ~allowed:
                 raise KernelError(op, errno.EINVAL, 0, f"mode 0x{mode:x}")
+            self.mm_gone(op, u)
             m, lo, hi, s = self._dst(op, u, dst, length)
             if mode & wp_mode and not s.mode & MODE_WP:
                 raise KernelError(op, errno.EINVAL, 0, "MODE_WP on a range not registered WP")
@@ -152,7 +153,8 @@ class OpsMixin(UffdMixin):
             return 0
 
         with self.lock:
-            m0 = self.find(start)
+            u0 = self.uffds.get(fd)
+            m0 = (u0.mm if u0 is not None else self.mm).find(start)
             if (m0 is not None and m0.anon and self.dialect is not Dialect.RFC
                     and start % PAGE == 0 and length > 0 and length % PAGE == 0):
                 self.enter(op)
@@ -184,12 +186,15 @@ class OpsMixin(UffdMixin):
             u = self.ctx(op, fd)
             if u.mmap_changing:
                 raise KernelError(op, errno.EAGAIN, 0, "event pending (mmap_changing)")
+            if u.mm is not self.mm:
+                # userfaultfd_move(): "Do not allow cross-mm moves", before the ranges
+                raise KernelError(op, errno.EINVAL, 0, "the uffd's context is another mm")
             allow = uapi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | uapi.UFFDIO_MOVE_MODE_DONTWAKE
             if mode & ~allow:
                 raise KernelError(op, errno.EINVAL, 0, f"mode 0x{mode:x}")
             check_range(op, dst, length)
             check_range(op, src, length)
-            dm, sm = self.find(dst), self.find(src)
+            dm, sm = u.mm.find(dst), u.mm.find(src)
             if dm is None:
                 raise KernelError(op, errno.ENOENT, 0, f"dst 0x{dst:x} not mapped")
             if sm is None:
@@ -253,8 +258,9 @@ class OpsMixin(UffdMixin):
             wpb, dw = uapi.UFFDIO_WRITEPROTECT_MODE_WP, uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
             if mode & ~(wpb | dw) or (mode & wpb and mode & dw):
                 raise KernelError(op, errno.EINVAL, 0, f"mode 0x{mode:x}")
+            self.mm_gone(op, u)
             found = False
-            for m, lo, hi in self.maps_in(start, start + length):
+            for m, lo, hi in u.mm.maps_in(start, start + length):
                 for s, a, b in m.segs_in(lo, hi):
                     if not s.mode & MODE_WP:
                         raise KernelError(op, errno.ENOENT, 0, "range not registered WP")
@@ -295,7 +301,8 @@ class OpsMixin(UffdMixin):
             rwp, dw = uapi.UFFDIO_RWPROTECT_MODE_RWP, uapi.UFFDIO_RWPROTECT_MODE_DONTWAKE
             if mode & ~(rwp | dw) or (mode & rwp and mode & dw):
                 raise KernelError(op, errno.EINVAL, 0, f"mode 0x{mode:x}")
-            parts = [(m, s, a, b) for m, lo, hi in self.maps_in(start, start + length)
+            self.mm_gone(op, u)
+            parts = [(m, s, a, b) for m, lo, hi in u.mm.maps_in(start, start + length)
                      for s, a, b in m.segs_in(lo, hi)]
             # Pre-scan: every VMA must be RWP-registered before anything changes.
             if not parts or any(not s.mode & MODE_RWP for _m, s, _a, _b in parts):
@@ -318,8 +325,9 @@ class OpsMixin(UffdMixin):
             if u.mmap_changing:
                 raise KernelError(op, errno.EAGAIN, 0, "event pending (mmap_changing)")
             check_range(op, start, length)
+            self.mm_gone(op, u)
             err = errno.ENOENT
-            for m, lo, hi in self.maps_in(start, start + length):
+            for m, lo, hi in u.mm.maps_in(start, start + length):
                 for s, a, b in m.segs_in(lo, hi):
                     if not s.mode & MODE_MINOR:
                         raise KernelError(op, errno.ENOENT, 0, "range not registered MINOR")

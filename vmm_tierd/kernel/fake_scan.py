@@ -41,6 +41,7 @@ from .fake_state import (
     TASK_SIZE,
     FakeState,
     Mapping,
+    Mm,
     Seg,
 )
 
@@ -82,9 +83,18 @@ class ScanMixin(FakeState):
                      category_inverted: int = 0, category_anyof_mask: int = 0,
                      return_mask: int = 0, flags: int = 0, max_pages: int = 0
                      ) -> ScanResult:
+        return self.scan_mm(self.mm, start, end, category_mask, category_inverted,
+                            category_anyof_mask, return_mask, flags, max_pages)
+
+    def scan_mm(self, mm: Mm, start: int, end: int, category_mask: int,
+                category_inverted: int, category_anyof_mask: int, return_mask: int,
+                flags: int, max_pages: int) -> ScanResult:
+        """PAGEMAP_SCAN over ``mm`` (this process's, or /proc/PID/pagemap's)."""
         op = "PAGEMAP_SCAN"
         with self.lock:
             self.enter(op)
+            if mm.dead:
+                raise KernelError(op, errno.ESRCH, 0, "the process has exited")
             cats = CATS_618 | (1 << 9 if self.dialect is not Dialect.NONE else 0)
             if flags & ~(uapi.PM_SCAN_WP_MATCHING | uapi.PM_SCAN_CHECK_WPASYNC):
                 raise KernelError(op, errno.EINVAL, 0, f"flags 0x{flags:x}")
@@ -98,16 +108,16 @@ class ScanMixin(FakeState):
                 return ScanResult(np.zeros((0, 3), dtype=np.uint64), end)
             end = -(-end // PAGE) * PAGE
             limit = max_pages if max_pages > 0 else 1 << 62
-            return self._scan(start, end, category_mask, category_inverted,
+            return self._scan(mm, start, end, category_mask, category_inverted,
                               category_anyof_mask, return_mask, flags, limit)
 
-    def _scan(self, start: int, end: int, mask: int, inv: int, anyof: int, ret: int,
-              flags: int, limit: int) -> ScanResult:
+    def _scan(self, mm: Mm, start: int, end: int, mask: int, inv: int, anyof: int,
+              ret: int, flags: int, limit: int) -> ScanResult:
         wpm = bool(flags & uapi.PM_SCAN_WP_MATCHING)
         outs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         found = 0
         walk_end = end
-        for m, lo, hi in self.maps_in(start, end):
+        for m, lo, hi in mm.maps_in(start, end):
             for s, a, b in m.segs_in(lo, hi):
                 wp_allowed = (s.ctx is not None and bool(s.mode & MODE_WP)
                               and s.ctx.has(uapi.UFFD_FEATURE_WP_ASYNC))

@@ -41,6 +41,9 @@ MODE_WP = uapi.UFFDIO_REGISTER_MODE_WP
 MODE_MINOR = uapi.UFFDIO_REGISTER_MODE_MINOR
 MODE_RWP = uapi.UFFDIO_REGISTER_MODE_RWP
 
+# outcome of one simulated access (fake_guest.fault_in)
+OK, SIGBUS, EFAULT, GONE = 0, 1, 2, 3  # GONE: the accessing process has exited
+
 Content = bytes | tuple[int, int]  # raw page, or write stamp (index, version)
 CHUNK = 1 << 22  # pages per numpy pass over a flag array (bounds temporaries)
 
@@ -76,12 +79,13 @@ def materialize(c: Content | None) -> bytes:
 
 
 class MemFile:
-    """A fake memfd: its page cache is shared by every mapping of it."""
+    """A fake memfd (the inode): its page cache is shared by every mapping of it, in
+    any process; fd tables refer to it."""
 
-    def __init__(self, fd: int, name: str, size: int) -> None:
-        self.fd = fd
+    def __init__(self, name: str, size: int, ino: int) -> None:
         self.name = name
         self.size = size
+        self.ino = ino
         self.cached = np.zeros((size + PAGE - 1) // PAGE, dtype=np.bool_)
         self.data: dict[int, Content] = {}
         self.maps: list[Mapping] = []
@@ -171,6 +175,48 @@ class Mapping:
         self.flags[a:b] |= F_PT
 
 
+class Mm:
+    """One address space (struct mm_struct): mappings sorted by address. ``dead`` once
+    its process exited (exit_mmap): every mapping is gone and uffd contexts bound to it
+    answer ESRCH (page ops) or ENOMEM (register), as mmget_not_zero() fails."""
+
+    def __init__(self, base: int = ADDR_BASE, limit: int = TASK_SIZE) -> None:
+        self.maps: list[Mapping] = []
+        self.next_addr = base
+        self.limit = limit
+        self.dead = False
+
+    def find(self, addr: int) -> Mapping | None:
+        i = bisect.bisect_right([m.addr for m in self.maps], addr) - 1
+        if i >= 0 and self.maps[i].addr <= addr < self.maps[i].end:
+            return self.maps[i]
+        return None
+
+    def maps_in(self, start: int, end: int) -> list[tuple[Mapping, int, int]]:
+        """(mapping, first page, end page) for every mapping meeting [start, end)."""
+        out = []
+        for m in self.maps:
+            if m.end <= start or m.addr >= end:
+                continue
+            lo = (max(start, m.addr) - m.addr) // PAGE
+            hi = -(-(min(end, m.end) - m.addr) // PAGE)
+            out.append((m, lo, hi))
+        return out
+
+    def alloc_addr(self, length: int) -> int:
+        addr = self.next_addr
+        # 2 MiB aligned with a 2 MiB gap so separate mappings never merge
+        nxt = addr + -(-length // (2 << 20)) * (2 << 20) + (2 << 20)
+        if nxt > self.limit:
+            raise KernelError("mmap", errno.ENOMEM)
+        self.next_addr = nxt
+        return addr
+
+    def add(self, m: Mapping) -> None:
+        self.maps.append(m)
+        self.maps.sort(key=lambda x: x.addr)
+
+
 @dataclass(eq=False)
 class Waiter:
     """A thread blocked in handle_userfault (or an event's originator)."""
@@ -182,8 +228,14 @@ class Waiter:
 
 @dataclass(eq=False)
 class Uffd:
+    """A userfaultfd context (and its one struct file). ``fd`` is the context's own
+    eventfd, the readiness every fd referring to it shares (each is a dup of it);
+    ``refs`` counts those fds in every process's fd table. ``mm`` is the address space
+    of the process that created it: every ioctl acts there, whoever calls."""
+
     fd: int
     user_mode_only: bool
+    mm: Mm
     features: int | None = None  # None until UFFDIO_API
     pending: list[Waiter] = field(default_factory=list)  # faults not yet read
     waiting: list[Waiter] = field(default_factory=list)  # faults read, not yet woken
@@ -191,6 +243,9 @@ class Uffd:
     mmap_changing: int = 0
     released: bool = False
     readable: bool = False  # eventfd counter is non-zero
+    refs: int = 1  # fds referring to this context, in every process
+    nonblock: bool = True  # O_NONBLOCK of the file (shared by every copy of the fd)
+    readers: int = 0  # threads blocked in read() on a blocking copy
 
     def has(self, feature: int) -> bool:
         return bool((self.features or 0) & feature)
@@ -226,10 +281,11 @@ class FakeState:
         self.dialect = dialect
         self.lock = threading.RLock()
         self.cv = threading.Condition(self.lock)
-        self.maps: list[Mapping] = []  # sorted by addr
-        self.files: dict[int, MemFile] = {}
-        self.uffds: dict[int, Uffd] = {}
-        self.next_addr = ADDR_BASE
+        self.mm = Mm()  # this process's address space
+        self.files: dict[int, MemFile] = {}  # this process's memfd fds
+        self.file_ino: dict[int, int] = {}  # fd -> st_ino of the placeholder memfd
+        self.uffds: dict[int, Uffd] = {}  # this process's uffd fds (dups of Uffd.fd)
+        self.next_ino = 40000  # fake inode numbers of memfds
         self.calls: dict[str, int] = {}
         self.injections: dict[str, list[list[int]]] = {}  # op -> [[errno, count, after]]
         self.next_tid = 100000
@@ -256,31 +312,35 @@ class FakeState:
             raise KernelError(op, errno.EINVAL, 0, "UFFDIO_API not done")
         return u
 
-    # -- address space
+    # -- this process's address space
+    @property
+    def maps(self) -> list[Mapping]:
+        return self.mm.maps
+
     def find(self, addr: int) -> Mapping | None:
-        i = bisect.bisect_right([m.addr for m in self.maps], addr) - 1
-        if i >= 0 and self.maps[i].addr <= addr < self.maps[i].end:
-            return self.maps[i]
-        return None
+        return self.mm.find(addr)
 
     def maps_in(self, start: int, end: int) -> list[tuple[Mapping, int, int]]:
-        """(mapping, first page, end page) for every mapping meeting [start, end)."""
-        out = []
-        for m in self.maps:
-            if m.end <= start or m.addr >= end:
-                continue
-            lo = (max(start, m.addr) - m.addr) // PAGE
-            hi = -(-(min(end, m.end) - m.addr) // PAGE)
-            out.append((m, lo, hi))
-        return out
+        return self.mm.maps_in(start, end)
 
     def alloc_addr(self, length: int) -> int:
-        addr = self.next_addr
-        # 2 MiB aligned with a 2 MiB gap so separate mappings never merge
-        self.next_addr += -(-length // (2 << 20)) * (2 << 20) + (2 << 20)
-        if self.next_addr > TASK_SIZE:
-            raise KernelError("mmap", errno.ENOMEM)
-        return addr
+        return self.mm.alloc_addr(length)
+
+    def new_ino(self) -> int:
+        self.next_ino += 1
+        return self.next_ino
+
+    # -- fds
+    def unref(self, u: Uffd) -> None:
+        """One fd referring to ``u`` was closed, in whichever process; the last one
+        releases the context (userfaultfd_release)."""
+        u.refs -= 1
+        if u.refs == 0:
+            self.release(u)
+            os.close(u.fd)
+
+    def release(self, u: Uffd) -> None:
+        raise NotImplementedError  # fake_uffd
 
     # -- waking
     def wake_range(self, u: Uffd, start: int, length: int) -> None:
@@ -303,6 +363,12 @@ class FakeState:
             lst[:] = keep
         if woke:
             u.sync_readiness()
+            self.cv.notify_all()
+
+    def queued(self, u: Uffd) -> None:
+        """A message was queued on ``u``: readiness, and wake blocking readers."""
+        u.sync_readiness()
+        if u.readers:
             self.cv.notify_all()
 
     def new_tid(self) -> int:

@@ -19,6 +19,7 @@ from .fake_state import (
     PAGE,
     FakeState,
     Mapping,
+    Mm,
     Uffd,
     Waiter,
     check_range,
@@ -60,9 +61,17 @@ class UffdMixin(FakeState):
     def uffd_open(self, *, user_mode_only: bool = False) -> int:
         with self.lock:
             self.enter("userfaultfd")
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.uffds[fd] = Uffd(fd, user_mode_only)
+            u = self.new_uffd(self.mm, user_mode_only, nonblock=True)
+            fd = os.dup(u.fd)  # O_CLOEXEC (non-inheritable)
+            self.uffds[fd] = u
             return fd
+
+    @staticmethod
+    def new_uffd(mm: Mm, user_mode_only: bool, nonblock: bool) -> Uffd:
+        """A context bound to ``mm`` (the creator's), with no fd yet: the caller puts
+        one (a dup of ``Uffd.fd``, refs already 1) in some process's fd table."""
+        return Uffd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), user_mode_only, mm,
+                    nonblock=nonblock)
 
     def uffd_api(self, fd: int, features: int) -> ApiInfo:
         op = "UFFDIO_API"
@@ -93,17 +102,19 @@ class UffdMixin(FakeState):
             return self.ctx("fdinfo", fd, need_api=False).features
 
     def uffd_close(self, fd: int) -> None:
+        """Close this process's ``fd``; the context goes only with its last fd (another
+        process may hold one: a uffd made inside a VMM and copied with pidfd_getfd)."""
         with self.lock:
             self.enter("close")
-            u = self.uffds.get(fd)
+            u = self.uffds.pop(fd, None)
             if u is None:
                 raise KernelError("close", errno.EBADF)
-            self._release(u)
             os.close(fd)
+            self.unref(u)
 
-    def _release(self, u: Uffd) -> None:
+    def release(self, u: Uffd) -> None:
         """userfaultfd_release(): unregister everything, wake every blocked thread."""
-        for m in self.maps:
+        for m in u.mm.maps:
             for s in list(m.segs):
                 if s.ctx is u:
                     self._unprotect(m, s.lo, s.hi, s.mode)
@@ -116,8 +127,12 @@ class UffdMixin(FakeState):
         u.events.clear()
         u.mmap_changing = 0
         u.readable = False
-        del self.uffds[u.fd]
         self.cv.notify_all()
+
+    def mm_gone(self, op: str, u: Uffd, err: int = errno.ESRCH) -> None:
+        """mmget_not_zero(ctx->mm) failed: the creator of the uffd has exited."""
+        if u.mm.dead:
+            raise KernelError(op, err, 0, "the uffd's address space has exited")
 
     # -- register/unregister
     def uffd_register(self, fd: int, start: int, length: int, mode: int) -> int:
@@ -137,7 +152,8 @@ class UffdMixin(FakeState):
                     # WP and RWP share the uffd PTE bit: never both on one VMA
                     raise KernelError(op, errno.EINVAL, 0, "MODE_WP with MODE_RWP")
             check_range(op, start, length)
-            parts = self.maps_in(start, start + length)
+            self.mm_gone(op, u, errno.ENOMEM)
+            parts = u.mm.maps_in(start, start + length)
             if not parts:
                 raise KernelError(op, errno.EINVAL, 0, "no mapping in range")
             minor_anon = self.dialect is Dialect.RFC and u.has(uapi.UFFD_FEATURE_MINOR_ANON)
@@ -169,7 +185,8 @@ class UffdMixin(FakeState):
             self.enter(op)
             u = self.ctx(op, fd)
             check_range(op, start, length)
-            parts = self.maps_in(start, start + length)
+            self.mm_gone(op, u, errno.ENOMEM)
+            parts = u.mm.maps_in(start, start + length)
             if not parts:
                 raise KernelError(op, errno.EINVAL, 0, "no mapping in range")
             for m, lo, hi in parts:
@@ -193,6 +210,15 @@ class UffdMixin(FakeState):
         with self.lock:
             self.enter(op)
             u = self.ctx(op, fd)
+            if not u.nonblock:
+                # a copy of a uffd its creator opened without O_NONBLOCK: read() sleeps
+                # until a message arrives (the file's flags are shared by every copy)
+                u.readers += 1
+                try:
+                    while not (u.pending or u.events or u.released):
+                        self.cv.wait()
+                finally:
+                    u.readers -= 1
             out: list[UffdEvent] = []
             # userfaultfd_ctx_read(): page faults first (oldest first), then events.
             while len(out) < max_msgs and u.pending:
@@ -220,7 +246,7 @@ class UffdMixin(FakeState):
             w = Waiter(0, msg)
             u.events.append(w)
             u.mmap_changing += 1
-            u.sync_readiness()
+            self.queued(u)
             waiters.append((u, w))
         for u, w in waiters:
             while not w.woken and not u.released:
@@ -266,6 +292,7 @@ class UffdMixin(FakeState):
             if (self.dialect is Dialect.RWP and enable & toggle
                     and not u.has(uapi.UFFD_FEATURE_RWP)):
                 raise KernelError(op, errno.EINVAL, 0, "RWP_ASYNC on a uffd without RWP")
+            self.mm_gone(op, u)
             assert u.features is not None
             u.features = (u.features | enable) & ~disable
             if enable & toggle:

@@ -218,12 +218,14 @@ PAGE_IS_ACCESSED = 1 << 9  # 7.3 (RWP dialect)
 PAGE_IS_UFFD_DEACTIVATED = 1 << 9  # RFC dialect: same bit, opposite meaning
 
 # --- madvise / fallocate / mmap ----------------------------------------------------------
+MADV_WILLNEED = 3
 MADV_DONTNEED = 4
 MADV_REMOVE = 9
 MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
 MADV_COLD = 20
 MADV_PAGEOUT = 21
+MADV_COLLAPSE = 25
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 PROT_READ = 1
