@@ -294,7 +294,9 @@ class LinuxKernel:
 
     # ---- other processes ------------------------------------------------------------
     def open_process(self, pid: int) -> Process:
-        raise NotImplementedError("open_process: not implemented yet")
+        from .linux_process import LinuxProcess
+
+        return LinuxProcess(pid, self.page_size)
 
     # ---- capabilities ---------------------------------------------------------------
     def _probe(self) -> Capabilities:
@@ -332,10 +334,8 @@ UFFD_FEATURE_INITIALIZED = 1 << 31  # kernel-internal: set in ctx->features by U
 
 
 def fdinfo_uffd_features(path: str, fd: int) -> int | None:
-    """The ``API:`` line of a uffd's fdinfo is ``UFFD_API:ctx->features:ioctls`` in hex.
-    ctx->features carries the kernel-internal UFFD_FEATURE_INITIALIZED bit once UFFDIO_API
-    has been done (measured on 6.18); before that the features read 0. It also shows
-    WP_UNPOPULATED, which the kernel adds by itself whenever WP_ASYNC is asked for."""
+    """Features of the uffd ``fd`` from its fdinfo file ``path`` (see
+    :func:`parse_uffd_fdinfo`)."""
     try:
         with open(path) as f:
             text = f.read()
@@ -343,13 +343,21 @@ def fdinfo_uffd_features(path: str, fd: int) -> int | None:
         raise KernelError("fdinfo", errno.EBADF, 0, f"fd {fd}") from None
     except OSError as e:
         raise KernelError("fdinfo", e.errno or errno.EIO, 0, path) from None
+    return parse_uffd_fdinfo(text, fd, path)
+
+
+def parse_uffd_fdinfo(text: str, fd: int, where: str) -> int | None:
+    """The ``API:`` line of a uffd's fdinfo is ``UFFD_API:ctx->features:ioctls`` in hex.
+    ctx->features carries the kernel-internal UFFD_FEATURE_INITIALIZED bit once UFFDIO_API
+    has been done (measured on 6.18); before that the features read 0. It also shows
+    WP_UNPOPULATED, which the kernel adds by itself whenever WP_ASYNC is asked for."""
     for line in text.splitlines():
         if line.startswith("API:"):
             features = int(line.split()[1].split(":")[1], 16)
             if not features & UFFD_FEATURE_INITIALIZED:
                 return None
             return features & ~UFFD_FEATURE_INITIALIZED
-    raise KernelError("fdinfo", errno.EBADF, 0, f"fd {fd} is not a userfaultfd ({path})")
+    raise KernelError("fdinfo", errno.EBADF, 0, f"fd {fd} is not a userfaultfd ({where})")
 
 
 def _data_runs(fd: int, start: int, end: int) -> np.ndarray:
