@@ -229,3 +229,50 @@ def test_injection_into_a_vcpu_thread_is_possible_but_not_chosen(
     os.close(local)
     space.close_remote([remote])
     assert space.tid not in target.vcpu_tids
+
+
+# ---- an unprivileged VMM ---------------------------------------------------------------------
+NOBODY = 65534
+
+
+def test_unprivileged_vmm_gets_its_uffd_through_the_device(lk: LinuxKernel) -> None:
+    """userfaultfd() is EPERM in it (vm.unprivileged_userfaultfd=0): /dev/userfaultfd is
+    passed in, and the uffd takes kernel-mode (GUP) faults, unlike a user-mode-only one."""
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as sysctl:
+        if sysctl.read().strip() != "0":
+            pytest.skip("vm.unprivileged_userfaultfd is 1: userfaultfd() would just work")
+    if not os.path.exists("/dev/userfaultfd"):
+        pytest.skip("no /dev/userfaultfd")
+    with Target.start(1 << 20, user=NOBODY) as t:
+        p = lk.open_process(t.pid)
+        try:
+            r = p.inject(t.pid, [Syscall(uapi.SYS_userfaultfd, (uapi.O_CLOEXEC,))])
+            assert r.results == (-errno.EPERM,)
+            with pytest.raises(KernelError) as ei:
+                RemoteSpace(p, uffd_device=None).create_uffd()
+            assert (ei.value.op, ei.value.errno) == ("userfaultfd", errno.EPERM)
+            assert "vm.unprivileged_userfaultfd" in str(ei.value)
+            space = RemoteSpace(p)
+            fds0 = {f.fd for f in p.fds()}
+            remote, local = space.create_uffd()
+            assert {f.fd for f in p.fds()} - fds0 == {remote, *(
+                f.fd for f in p.fds() if f.target == "anon_inode:[pidfd]")}
+            assert next(f for f in p.fds() if f.fd == remote).is_uffd
+            lk.uffd_api(local, 0)
+            memfd = p.getfd(t.ram_fd)
+            lk.uffd_register(local, t.ram_addr, t.ram_bytes, uapi.UFFDIO_REGISTER_MODE_MISSING)
+            lk.punch_hole(memfd, 2 * PS, PS)
+            a = t.start_access(t.ram_addr + 2 * PS, AccessKind.GUP_READ, 8)
+            fault = wait_fault(lk, local)
+            assert fault.address == t.ram_addr + 2 * PS
+            lk.uffd_copy(local, fault.address, b"\x11" * PS)
+            res = a.wait(WAIT)
+            assert (res.status, res.data) == (AccessStatus.OK, b"\x11" * 8)
+            os.close(memfd)
+            lk.uffd_close(local)
+            space.close_remote([remote])
+            space.release()
+            assert {f.fd for f in p.fds()} == fds0
+            t.ping()
+        finally:
+            p.close()

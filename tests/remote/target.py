@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -128,6 +130,7 @@ class Target:
         self._pending: dict[str, Pending] = {}
         self._busy: dict[int, int] = {}
         self._dead = False
+        self._tmp: str | None = None
         self.pid = proc.pid
         self.ram_bytes = ram_bytes
         self.name = name
@@ -149,16 +152,26 @@ class Target:
         self._reader.start()
 
     @classmethod
-    def start(cls, ram_bytes: int, *, vcpus: int = 1,
-              name: str = "memory-backend-memfd") -> Target:
+    def start(cls, ram_bytes: int, *, vcpus: int = 1, name: str = "memory-backend-memfd",
+              user: int | None = None) -> Target:
+        """``user``: run as that uid (and gid), e.g. 65534, an unprivileged VMM."""
         exe = build()
+        tmp = None
+        if user is not None:  # the cache under /root is not reachable for other users
+            tmp = tempfile.mkdtemp(prefix="vmm-tierd-target-")
+            os.chmod(tmp, 0o755)
+            exe = Path(shutil.copy(exe, Path(tmp) / "target"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen([str(exe), str(theirs.fileno()), str(ram_bytes),
-                                     str(vcpus), name], pass_fds=(theirs.fileno(),))
+                                     str(vcpus), name], pass_fds=(theirs.fileno(),),
+                                    user=user, group=user,
+                                    extra_groups=[] if user is not None else None)
         finally:
             theirs.close()
-        return cls(proc, ours, ram_bytes, name)
+        t = cls(proc, ours, ram_bytes, name)
+        t._tmp = tmp
+        return t
 
     # ---- protocol -----------------------------------------------------------------------
     def _read(self) -> None:
@@ -264,6 +277,9 @@ class Target:
         self._sock.close()
         self._reader.join(WAIT)
         self._file.close()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def __enter__(self) -> Target:
         return self

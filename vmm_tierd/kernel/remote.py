@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import os
+import secrets
+import socket
+import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,11 +37,15 @@ import numpy as np
 from . import uapi
 from .api import KernelError
 from .process import (
+    SYS_BIND,
     SYS_CLOSE,
+    SYS_IOCTL,
     SYS_MMAP,
     SYS_MUNMAP,
     SYS_PIDFD_OPEN,
     SYS_PROCESS_MADVISE,
+    SYS_RECVMSG,
+    SYS_SOCKET,
     SYS_USERFAULTFD,
     UIO_MAXIOV,
     InjectError,
@@ -53,6 +61,14 @@ IOVEC = 16  # struct iovec {void *iov_base; size_t iov_len}
 SCRATCH_MIN = 64 << 10  # 4096 iovecs
 SCRATCH_MAX = 16 << 20  # 1 Mi iovecs in one stop; larger discards take several stops
 _U64 = (1 << 64) - 1
+# Passing /dev/userfaultfd in: where the injected socket calls find their arguments in
+# the scratch area (struct sockaddr_un, struct msghdr, one iovec, its byte, cmsg buffer).
+_SUN, _MSG, _IOV, _BYTE, _CTL, _CTL_LEN = 0, 128, 192, 208, 224, 32
+_MSGHDR = struct.Struct("<QI4xQQQQi4x")  # name, namelen, iov, iovlen, control, len, flags
+_CMSG_FD = struct.Struct("<Qiii")  # cmsg_len, cmsg_level, cmsg_type, one int of data
+_SOCK_CLOEXEC = 0o2000000
+_MSG_DONTWAIT = 0x40
+_MSG_CMSG_CLOEXEC = 0x40000000
 
 
 @dataclass(slots=True)
@@ -86,9 +102,11 @@ class RemoteSpace:
     :func:`pick_inject_thread` or, with ``thread``, the first non-vCPU thread whose
     comm matches that glob (a glob that matches only vCPU threads is refused)."""
 
-    def __init__(self, proc: Process, *, thread: str | None = None) -> None:
+    def __init__(self, proc: Process, *, thread: str | None = None,
+                 uffd_device: str | None = "/dev/userfaultfd") -> None:
         self.proc = proc
         self.thread_glob = thread
+        self.uffd_device = uffd_device  # passed in when the VMM may not call userfaultfd()
         self.stats = PauseStats()
         self._tid = 0
         self._scratch = 0  # anon private mapping inside the VMM (iovec arrays)
@@ -140,11 +158,7 @@ class RemoteSpace:
         with self._lock:
             r = self._inject([Syscall(SYS_USERFAULTFD, (flags,))]).results[0]
             if r == -errno.EPERM:
-                raise KernelError(
-                    "userfaultfd", errno.EPERM, 0,
-                    f"{self._where()}: the VMM may not create a userfaultfd (it lacks "
-                    f"CAP_SYS_PTRACE and vm.unprivileged_userfaultfd is 0); run it "
-                    f"privileged or set vm.unprivileged_userfaultfd=1")
+                r = self._uffd_from_device(flags)
             if r < 0:
                 raise KernelError("userfaultfd", -r, 0, self._where())
             try:
@@ -153,6 +167,69 @@ class RemoteSpace:
                 self._close_quietly([r])
                 raise
             return r, local
+
+    def _uffd_from_device(self, flags: int) -> int:
+        """userfaultfd() is EPERM in an unprivileged VMM (no CAP_SYS_PTRACE,
+        vm.unprivileged_userfaultfd=0), but anyone holding an fd of /dev/userfaultfd may
+        create uffds with USERFAULTFD_IOC_NEW: the device's permissions are checked at
+        open only, and its uffds take kernel-mode faults (KVM, GUP) too, unlike
+        UFFD_USER_MODE_ONLY ones. So this process opens the device and passes it in:
+        the VMM binds a unix datagram socket to a random abstract name (once bound, the
+        name is the VMM's: nobody else receives what is sent to it), this process sends
+        the fd there with SCM_RIGHTS, the VMM receives it and issues the ioctl. Four
+        stops, once per uffd; nothing is left in the VMM but the uffd."""
+        if self.uffd_device is None:
+            raise KernelError("userfaultfd", errno.EPERM, 0, self._why_eperm())
+        try:
+            dev = os.open(self.uffd_device, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KernelError("userfaultfd", errno.EPERM, 0, f"{self._why_eperm()}; and "
+                              f"{self.uffd_device} cannot be passed in: {e}") from None
+        try:
+            self._ensure_scratch(PAGE)
+            sc = self._scratch
+            name = b"\0vmm-tierd-uffd-" + secrets.token_hex(12).encode()
+            sun = struct.pack("<H", socket.AF_UNIX) + name
+            self.proc.write_memory(sc + _SUN, sun)
+            s = self._inject([Syscall(SYS_SOCKET, (socket.AF_UNIX,
+                                                   socket.SOCK_DGRAM | _SOCK_CLOEXEC, 0))]
+                             ).results[0]
+            if s < 0:
+                raise KernelError("socket", -s, 0, self._where())
+            try:
+                r = self._inject([Syscall(SYS_BIND, (s, sc + _SUN, len(sun)))]).results[0]
+                if r < 0:
+                    raise KernelError("bind", -r, 0, self._where())
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tx:
+                    tx.sendmsg([b"u"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                         struct.pack("i", dev))], 0, name)
+                self.proc.write_memory(sc + _MSG, _MSGHDR.pack(0, 0, sc + _IOV, 1, sc + _CTL,
+                                                               _CTL_LEN, 0)
+                                       + struct.pack("<QQ", sc + _BYTE, 1))
+                r, _ = self._inject([
+                    Syscall(SYS_RECVMSG, (s, sc + _MSG, _MSG_DONTWAIT | _MSG_CMSG_CLOEXEC)),
+                    Syscall(SYS_CLOSE, (s,))]).results
+            except BaseException:
+                self._close_quietly([s])
+                raise
+        finally:
+            os.close(dev)
+        if r < 0:
+            raise KernelError("recvmsg", -r, 0, self._where())
+        ln, level, typ, remote_dev = _CMSG_FD.unpack(self.proc.read_memory(sc + _CTL, 20))
+        if (ln, level, typ) != (_CMSG_FD.size, socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            raise KernelError("recvmsg", errno.EPROTO, 0, f"{self._where()}: no fd received")
+        u, _ = self._inject([Syscall(SYS_IOCTL, (remote_dev, uapi.USERFAULTFD_IOC_NEW, flags)),
+                             Syscall(SYS_CLOSE, (remote_dev,))]).results
+        if u < 0:
+            raise KernelError("USERFAULTFD_IOC_NEW", -u, 0, self._where())
+        return u
+
+    def _why_eperm(self) -> str:
+        return (f"{self._where()}: the VMM may not create a userfaultfd (it lacks "
+                f"CAP_SYS_PTRACE and vm.unprivileged_userfaultfd is 0); run it privileged, "
+                f"set vm.unprivileged_userfaultfd=1 or let this daemon pass /dev/userfaultfd "
+                f"in")
 
     # ---- PTEs -------------------------------------------------------------------------------
     def discard(self, ranges: Sequence[tuple[int, int]] | np.ndarray,
