@@ -197,7 +197,12 @@ class GuestProcess(Protocol):
 
 def is_vcpu_thread(comm: str) -> bool:
     """Thread names VMMs give their vCPU threads: QEMU "CPU 0/KVM", "CPU 1/TCG";
-    Firecracker "fc_vcpu 0"; Cloud Hypervisor "vcpu0"."""
+    Firecracker "fc_vcpu 0"; Cloud Hypervisor "vcpu0".
+
+    QEMU names its threads only with ``-name ...,debug-threads=on`` (libvirt always
+    passes it). Without it every thread is "qemu-system-x86" (measured with Debian's
+    7.2) and no vCPU is recognised; the main thread, which pick_inject_thread prefers,
+    is never a vCPU thread in QEMU, so the choice is still safe there."""
     c = comm.lower()
     if c.startswith("cpu ") and "/" in c:
         return True
