@@ -164,7 +164,8 @@ static int hold_current(struct inject_ctx *c, int *is_step_trap)
     if (ptrace(PTRACE_GETSIGINFO, c->tid, 0, &si) < 0)
         return fail_ptrace(c, "ptrace(GETSIGINFO)");
     /* The trap after a single-stepped syscall is a kernel-generated SIGTRAP (si_code
-     * TRAP_BRKPT > 0); a SIGTRAP someone sent has si_code <= 0 (SI_USER, SI_TKILL...). */
+     * > 0: TRAP_BRKPT, from the syscall-exit single-step report on x86); a SIGTRAP
+     * someone sent has si_code <= 0 (SI_USER, SI_TKILL...). */
     *is_step_trap = si.si_signo == SIGTRAP && si.si_code > 0;
     if (!*is_step_trap)
         hold_signal(c, &si);
@@ -243,7 +244,8 @@ static int run_call(struct inject_ctx *c, const struct user_regs_struct *saved,
             return fail(c, "ptrace(SINGLESTEP)", EIO);
         /* A signal interrupted our own call: its trap comes first (synchronous signals
          * are dequeued before others), with the restart code still in rax; run it
-         * again, as the kernel's fixup would have. */
+         * again, as the kernel's fixup would have (but from the start: a call that
+         * resumes through restart_block, e.g. nanosleep, runs its full time again). */
         if (is_restart((int64_t)regs.rax) && attempt < VT_MAX_RESTARTS)
             continue;
         *result = (int64_t)regs.rax;

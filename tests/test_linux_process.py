@@ -9,6 +9,8 @@ import errno
 import fcntl
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -157,7 +159,7 @@ def test_inject_getpid_into_main_thread(target: Target, proc: LinuxProcess) -> N
 
 
 def test_inject_raw_errno_and_no_calls(target: Target, proc: LinuxProcess) -> None:
-    r = proc.inject(target.pid, [Syscall(3, (123456,)), Syscall(9999 % 4096, ())])
+    r = proc.inject(target.pid, [Syscall(3, (123456,)), Syscall(1999)])  # close; no such nr
     assert r.results == (-errno.EBADF, -errno.ENOSYS)
     assert proc.inject(target.pid, []).results == ()
     target.ping()
@@ -318,3 +320,31 @@ def test_access_results_come_from_a_vcpu(target: Target) -> None:
     r = a.wait(10)
     assert (r.status, r.data) == (AccessStatus.OK, pattern(3, 16))
     assert a.tid in target.vcpu_tids
+
+
+def test_inject_into_an_already_traced_thread(lk: LinuxKernel, target: Target) -> None:
+    """A second tracer is refused (EPERM), and the first one's injection is unharmed."""
+    code = ("import sys; from vmm_tierd.kernel.linux import LinuxKernel;"
+            "from vmm_tierd.kernel.process import Syscall;"
+            "p = LinuxKernel().open_process(int(sys.argv[1]));"
+            "print(p.inject(int(sys.argv[2]), [Syscall(35, (int(sys.argv[3]), 0))]).results)")
+    page = None
+    p = lk.open_process(target.pid)
+    try:
+        page = RemotePage(p, target.pid)
+        ts = page.put("<qq", 1, 0)  # another process injects nanosleep(35) of 1 s
+        other = subprocess.Popen([sys.executable, "-c", code, str(target.pid),
+                                  str(target.workers["futex"]), str(ts)],
+                                 stdout=subprocess.PIPE, text=True)
+        target.wait_in_syscall(target.workers["futex"], 35)
+        with pytest.raises(InjectError) as ei:
+            p.inject(target.workers["futex"], [GETPID])
+        assert (ei.value.op, ei.value.errno) == ("ptrace(SEIZE)", errno.EPERM)
+        assert f"already traced by pid {other.pid}" in str(ei.value)
+        out, _ = other.communicate(timeout=10)
+        assert out.strip() == "(0,)"
+        assert target.futex_wake() == (0, 0, 0)
+    finally:
+        if page:
+            page.close()
+        p.close()

@@ -64,6 +64,27 @@ def test_create_uffd_and_serve_a_missing_fault(lk: LinuxKernel, target: Target,
     target.ping()
 
 
+def test_poisoned_page_is_sigbus_in_the_vcpu(lk: LinuxKernel, target: Target,
+                                            proc: LinuxProcess, space: RemoteSpace) -> None:
+    remote, local = _uffd(lk, space, uapi.UFFD_FEATURE_POISON)
+    memfd = proc.getfd(target.ram_fd)
+    addr = target.ram_addr + 20 * PS
+    try:
+        lk.uffd_register(local, target.ram_addr, target.ram_bytes,
+                         uapi.UFFDIO_REGISTER_MODE_MISSING)
+        lk.punch_hole(memfd, 20 * PS, PS)
+        assert lk.uffd_poison(local, addr, PS) == PS
+        r = target.start_access(addr, AccessKind.READ, 8).wait(WAIT)
+        assert r.status is AccessStatus.SIGBUS
+        ok = target.start_access(addr + PS, AccessKind.READ, 8).wait(WAIT)
+        assert (ok.status, ok.data) == (AccessStatus.OK, pattern(21, 8))
+    finally:
+        os.close(memfd)
+        lk.uffd_close(local)
+        space.close_remote([remote])
+    target.ping()
+
+
 def test_move_from_outside_is_einval_inside_it_works(lk: LinuxKernel, target: Target,
                                                      proc: LinuxProcess,
                                                      space: RemoteSpace) -> None:

@@ -338,13 +338,26 @@ class LinuxProcess:
         if r < 0:
             op = ffi.string(rep.op).decode()
             err = int(rep.err)
+            # PTRACE_SEIZE of a zombie is EPERM, not ESRCH.
             if err == errno.ESRCH or self._exited():
                 err = errno.ESRCH
+            hint = self._seize_hint(tid) if (op, err) == ("ptrace(SEIZE)", errno.EPERM) else ""
             raise InjectError(op, err, f"pid {self.pid} tid {tid}, after {len(results)} of "
                               f"{n} calls, registers "
-                              f"{'restored' if rep.restored else 'not restored'}",
+                              f"{'restored' if rep.restored else 'not restored'}{hint}",
                               results=results, restored=bool(rep.restored), signals=signals)
         return InjectResult(tid, results, rep.pause_ns / 1e9, signals)
+
+    def _seize_hint(self, tid: int) -> str:
+        try:
+            text = self._read("ptrace(SEIZE)", f"task/{tid}/status")
+            tracer = next(int(ln.split()[1]) for ln in text.splitlines()
+                          if ln.startswith("TracerPid:"))
+        except (KernelError, StopIteration, ValueError):
+            return ""
+        if tracer:
+            return f"; already traced by pid {tracer}"
+        return "; tracing it needs CAP_SYS_PTRACE (or the same user and ptrace_scope 0)"
 
     def close(self) -> None:
         for name in ("_pagemap", "_dir", "pidfd"):
