@@ -247,6 +247,37 @@ def test_signal_during_injection_redelivered_once(target: Target, proc: LinuxPro
     target.ping()
 
 
+def test_injections_under_a_signal_storm(target: Target, proc: LinuxProcess) -> None:
+    """Signals arriving at any point of a stop (before the interrupt's stop, between
+    steps, during a call) are held back and re-delivered; none may be turned into a
+    crash or a wrong result. Standard signals coalesce, so only bounds are checked."""
+    stop = threading.Event()
+    sent = 0
+
+    def storm() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            os.kill(target.pid, signal.SIGUSR1)
+            sent += 1
+            stop.wait(0.0002)
+
+    th = threading.Thread(target=storm)
+    th.start()
+    held = 0
+    try:
+        for _ in range(300):
+            r = proc.inject(target.pid, [GETPID, GETPID])
+            assert r.results == (target.pid, target.pid)
+            assert set(r.signals) <= {signal.SIGUSR1}
+            held += len(r.signals)
+    finally:
+        stop.set()
+        th.join()
+    target.ping()
+    assert 1 <= target.sigusr1_count() <= sent
+    assert held <= sent
+
+
 def test_target_killed_during_injection(lk: LinuxKernel) -> None:
     t = Target.start(1 << 20)
     p = lk.open_process(t.pid)
