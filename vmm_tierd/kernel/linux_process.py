@@ -27,6 +27,7 @@ from .process import InjectError, InjectResult, ProcFd, ProcMapping, Syscall, Th
 from vmm_tierd._native import ffi, lib  # isort: skip
 
 log = logging.getLogger(__name__)
+_alloc = ffi.new_allocator(should_clear_after_alloc=False)
 
 _U64 = (1 << 64) - 1
 _SYSCALL_INSN = b"\x0f\x05"
@@ -231,7 +232,7 @@ class LinuxProcess:
         if length <= 0:
             return b""
         self._need_open("process_vm_readv")
-        buf = ffi.new("char[]", length)
+        buf = _alloc("char[]", length)
         done = ffi.new("int64_t *")
         r = lib.vt_process_vm_rw(self.pid, 0, buf, addr, length, done)
         self._check_alive("process_vm_readv")

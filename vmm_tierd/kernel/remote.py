@@ -293,6 +293,8 @@ class RemoteSpace:
         calls.append(Syscall(SYS_MMAP, (0, need, uapi.PROT_READ | uapi.PROT_WRITE,
                                         uapi.MAP_PRIVATE | uapi.MAP_ANONYMOUS, _U64, 0)))
         if self._self_pidfd < 0:
+            # The pid as this process sees it: a VMM in another pid namespace would need
+            # its own number for itself (NSpid in /proc/PID/status).
             calls.append(Syscall(SYS_PIDFD_OPEN, (self.proc.pid, 0)))
         res = self._inject(calls).results
         if self._scratch:
