@@ -432,7 +432,7 @@ def test_pagemap_scan_complete_on_fragmented_gib(
 
 
 def test_merge_across_call_boundaries() -> None:
-    from vmm_tierd.kernel.linux import _merge
+    from vmm_tierd.kernel.linux_scan import merge_regions as _merge
 
     def a(*rows: tuple[int, int, int]) -> np.ndarray:
         return np.array(rows, dtype=np.uint64).reshape(-1, 3)

@@ -37,6 +37,7 @@ from .api import (
     choose_strategy,
     dialect_names,
 )
+from .linux_scan import PagemapScanner
 from .process import Process
 
 from vmm_tierd._native import ffi, lib  # isort: skip
@@ -78,12 +79,9 @@ class LinuxKernel:
 
     def __init__(self, *, scan_vec_len: int = 65536) -> None:
         self.page_size = os.sysconf("SC_PAGE_SIZE")
-        self._scan_vec_len = scan_vec_len
-        self._scan_vec = ffi.new("struct page_region[]", scan_vec_len)
-        self._scan_arg = ffi.new("struct pm_scan_arg *")
-        self._scan_lock = threading.Lock()
         self._pagemap = _check("open /proc/self/pagemap",
                                lib.vt_open(b"/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+        self._scanner = PagemapScanner(self._pagemap, self.page_size, scan_vec_len)
         self._tls = threading.local()
         self._caps = self._probe()
         self.dialect = self._caps.dialect
@@ -271,57 +269,10 @@ class LinuxKernel:
                      category_inverted: int = 0, category_anyof_mask: int = 0,
                      return_mask: int = 0, flags: int = 0, max_pages: int = 0
                      ) -> ScanResult:
-        """Loops until [start, end) is really covered. The kernel stops a call when the
-        vector is full (ret == vec_len) or max_pages were found. ``walk_end`` is not a
-        reliable completion flag on long scans, so completion is ``ret < vec_len``; on a
-        full vector the next call resumes at the end of the last region returned (never
-        before, so WP_MATCHING never re-protects a page that was already reported)."""
-        ps = self.page_size
-        parts: list[np.ndarray] = []
-        calls = found = 0
-        cur = start
-        walk_end = start
-        with self._scan_lock:
-            arg, vec, vlen = self._scan_arg, self._scan_vec, self._scan_vec_len
-            while cur < end:
-                arg.size = uapi.SIZEOF_PM_SCAN_ARG
-                arg.flags = flags
-                arg.start = cur
-                arg.end = end
-                arg.walk_end = 0
-                arg.vec = int(ffi.cast("uintptr_t", vec))
-                arg.vec_len = vlen
-                arg.max_pages = max_pages - found if max_pages else 0
-                arg.category_inverted = category_inverted
-                arg.category_mask = category_mask
-                arg.category_anyof_mask = category_anyof_mask
-                arg.return_mask = return_mask
-                ret = lib.vt_ioctl(self._pagemap, uapi.PAGEMAP_SCAN, arg)
-                calls += 1
-                if ret < 0:
-                    raise KernelError("PAGEMAP_SCAN", -ret, 0,
-                                      f"[0x{cur:x}, 0x{end:x}) after {calls - 1} calls")
-                walk_end = int(arg.walk_end)
-                if ret == 0:
-                    break
-                got = np.frombuffer(ffi.buffer(vec, ret * uapi.SIZEOF_PAGE_REGION),
-                                    dtype=np.uint64).reshape(ret, 3).copy()
-                parts.append(got)
-                if max_pages:
-                    found += int(((got[:, 1] - got[:, 0]) // ps).sum())
-                    if found >= max_pages:
-                        break
-                if ret < vlen:
-                    break
-                nxt = int(got[-1, 1])
-                if nxt <= cur:
-                    raise KernelError("PAGEMAP_SCAN", errno.EIO, 0,
-                                      f"no progress at 0x{cur:x} (walk_end 0x{walk_end:x})")
-                cur = nxt
-        regions = _merge(parts)
-        if not max_pages or found < max_pages:
-            walk_end = end
-        return ScanResult(regions=regions, walk_end=walk_end, calls=calls)
+        return self._scanner.scan(start, end, category_mask=category_mask,
+                                  category_inverted=category_inverted,
+                                  category_anyof_mask=category_anyof_mask,
+                                  return_mask=return_mask, flags=flags, max_pages=max_pages)
 
     # ---- guest side -------------------------------------------------------------------
     def start_access(self, addr: int, kind: AccessKind, length: int = 1,
@@ -343,7 +294,9 @@ class LinuxKernel:
 
     # ---- other processes ------------------------------------------------------------
     def open_process(self, pid: int) -> Process:
-        raise NotImplementedError("open_process: not implemented yet")
+        from .linux_process import LinuxProcess
+
+        return LinuxProcess(pid, self.page_size)
 
     # ---- capabilities ---------------------------------------------------------------
     def _probe(self) -> Capabilities:
@@ -381,10 +334,8 @@ UFFD_FEATURE_INITIALIZED = 1 << 31  # kernel-internal: set in ctx->features by U
 
 
 def fdinfo_uffd_features(path: str, fd: int) -> int | None:
-    """The ``API:`` line of a uffd's fdinfo is ``UFFD_API:ctx->features:ioctls`` in hex.
-    ctx->features carries the kernel-internal UFFD_FEATURE_INITIALIZED bit once UFFDIO_API
-    has been done (measured on 6.18); before that the features read 0. It also shows
-    WP_UNPOPULATED, which the kernel adds by itself whenever WP_ASYNC is asked for."""
+    """Features of the uffd ``fd`` from its fdinfo file ``path`` (see
+    :func:`parse_uffd_fdinfo`)."""
     try:
         with open(path) as f:
             text = f.read()
@@ -392,13 +343,21 @@ def fdinfo_uffd_features(path: str, fd: int) -> int | None:
         raise KernelError("fdinfo", errno.EBADF, 0, f"fd {fd}") from None
     except OSError as e:
         raise KernelError("fdinfo", e.errno or errno.EIO, 0, path) from None
+    return parse_uffd_fdinfo(text, fd, path)
+
+
+def parse_uffd_fdinfo(text: str, fd: int, where: str) -> int | None:
+    """The ``API:`` line of a uffd's fdinfo is ``UFFD_API:ctx->features:ioctls`` in hex.
+    ctx->features carries the kernel-internal UFFD_FEATURE_INITIALIZED bit once UFFDIO_API
+    has been done (measured on 6.18); before that the features read 0. It also shows
+    WP_UNPOPULATED, which the kernel adds by itself whenever WP_ASYNC is asked for."""
     for line in text.splitlines():
         if line.startswith("API:"):
             features = int(line.split()[1].split(":")[1], 16)
             if not features & UFFD_FEATURE_INITIALIZED:
                 return None
             return features & ~UFFD_FEATURE_INITIALIZED
-    raise KernelError("fdinfo", errno.EBADF, 0, f"fd {fd} is not a userfaultfd ({path})")
+    raise KernelError("fdinfo", errno.EBADF, 0, f"fd {fd} is not a userfaultfd ({where})")
 
 
 def _data_runs(fd: int, start: int, end: int) -> np.ndarray:
@@ -423,19 +382,3 @@ def _data_runs(fd: int, start: int, end: int) -> np.ndarray:
         out.append((lo, min(hi, end)))
         pos = hi
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
-
-
-def _merge(parts: list[np.ndarray]) -> np.ndarray:
-    """Concatenate per-call results, re-merging a region a call boundary split (within
-    one call the kernel already merges adjacent pages with equal categories)."""
-    if not parts:
-        return np.empty((0, 3), dtype=np.uint64)
-    out = [parts[0]]
-    for cur in parts[1:]:
-        prev = out[-1]
-        if prev[-1, 1] == cur[0, 0] and prev[-1, 2] == cur[0, 2]:
-            prev[-1, 1] = cur[0, 1]
-            cur = cur[1:]
-        if len(cur):
-            out.append(cur)
-    return out[0] if len(out) == 1 else np.concatenate(out)

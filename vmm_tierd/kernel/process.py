@@ -23,20 +23,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .api import Access, AccessKind, Owner, ScanResult
+from .api import Access, AccessKind, KernelError, Owner, ScanResult
 
 # x86_64 syscall numbers for injection (arch/x86/entry/syscalls/syscall_64.tbl).
+SYS_CLOSE = 3
 SYS_MMAP = 9
 SYS_MUNMAP = 11
+SYS_IOCTL = 16
 SYS_MADVISE = 28
-SYS_CLOSE = 3
 SYS_GETPID = 39
+SYS_SOCKET = 41
+SYS_RECVMSG = 47
+SYS_BIND = 49
 SYS_USERFAULTFD = 323
 SYS_PIDFD_OPEN = 434
 SYS_PROCESS_MADVISE = 440
 UIO_MAXIOV = 1024  # iovecs per process_madvise call
-
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,20 @@ class InjectResult:
     signals: tuple[int, ...] = ()  # signals that arrived meanwhile and were re-delivered
 
 
+class InjectError(KernelError):
+    """An injection that failed in ptrace itself (or the thread died) after running
+    ``results`` (raw values of the calls that completed, in order). The thread's
+    registers were restored and it was detached (``restored``), unless it died."""
+
+    def __init__(self, op: str, err: int, detail: str = "", *,
+                 results: tuple[int, ...] = (), restored: bool = False,
+                 signals: tuple[int, ...] = ()) -> None:
+        super().__init__(op, err, 0, detail)
+        self.results = results
+        self.restored = restored
+        self.signals = signals
+
+
 @runtime_checkable
 class Process(Protocol):
     """Another process (a VMM), opened by ``Kernel.open_process(pid)``.
@@ -125,10 +141,11 @@ class Process(Protocol):
     def fds(self) -> list[ProcFd]: ...
     def threads(self) -> list[ThreadInfo]: ...
 
-    def uffd_features(self, fd: int) -> int:
+    def uffd_features(self, fd: int) -> int | None:
         """Features enabled on the process's uffd ``fd`` (the API line of
-        /proc/PID/fdinfo/FD); ENOTTY/EINVAL-free: raises KernelError(EBADF) if ``fd`` is
-        not a uffd."""
+        /proc/PID/fdinfo/FD), or None if UFFDIO_API has not been done on it yet (as
+        ``Kernel.uffd_features``); ENOTTY/EINVAL-free: raises KernelError(EBADF) if ``fd``
+        is not a uffd."""
         ...
 
     def getfd(self, fd: int) -> int:
@@ -150,7 +167,9 @@ class Process(Protocol):
         process (its vDSO has one) with ``orig_rax = -1``, restore every register, and
         detach re-delivering any signal that arrived meanwhile. A thread stopped inside a
         restartable syscall (ppoll, futex, nanosleep, recvfrom) restarts it correctly.
-        Results are raw (-errno); only a failure of ptrace itself raises."""
+        Results are raw (-errno); only a failure of ptrace itself raises, as
+        :class:`InjectError` (its op names the step, e.g. "ptrace(SETREGS)", and it
+        carries the results of the calls that did run)."""
         ...
 
     def pagemap_scan(self, start: int, end: int, *, category_mask: int = 0,
@@ -178,7 +197,12 @@ class GuestProcess(Protocol):
 
 def is_vcpu_thread(comm: str) -> bool:
     """Thread names VMMs give their vCPU threads: QEMU "CPU 0/KVM", "CPU 1/TCG";
-    Firecracker "fc_vcpu 0"; Cloud Hypervisor "vcpu0"."""
+    Firecracker "fc_vcpu 0"; Cloud Hypervisor "vcpu0".
+
+    QEMU names its threads only with ``-name ...,debug-threads=on`` (libvirt always
+    passes it). Without it every thread is "qemu-system-x86" (measured with Debian's
+    7.2) and no vCPU is recognised; the main thread, which pick_inject_thread prefers,
+    is never a vCPU thread in QEMU, so the choice is still safe there."""
     c = comm.lower()
     if c.startswith("cpu ") and "/" in c:
         return True
