@@ -106,6 +106,9 @@ class RemoteCtx(Ctx):
         info = self.kernel.uffd_api(self.uffd, need | (self.case.wants & self.granted))
         self.features = info.features
         self.mfd = self.p.getfd(self.target.ram_fd)
+        # Start from holes on every backend: the linux target writes a pattern into its
+        # RAM at start, the fake's begins empty.
+        self.kernel.punch_hole(self.mfd, 0, self.length)
         self.region = Region(self.target.ram_addr, self.length, MemType.MEMFD, fd=self.mfd,
                              offset=0, owner=self.p.owner, owner_fd=self.target.ram_fd)
 
