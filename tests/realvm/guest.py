@@ -96,7 +96,9 @@ def qemu_command(kernel: fetch.KernelBundle, initrd: Path, console: Path, contro
         "-m", f"{ram_mib}M",
         "-object", f"memory-backend-memfd,id=ram,size={ram_mib}M,share=on",
         "-machine", "memory-backend=ram",
-        "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
+        # QEMU's option syntax: a comma inside a value is written twice.
+        "-chardev", f"file,id=console,path={str(console).replace(',', ',,')}",
+        "-serial", "chardev:console",
         "-chardev", f"socket,id=control,fd={control_fd}", "-serial", "chardev:control",
         *boot.kernel_args(kernel.vmlinuz, initrd),
     ]

@@ -229,7 +229,7 @@ def test_channel_takes_only_the_answer_with_its_id_and_token() -> None:
 
 def test_qemu_command_backs_ram_with_a_shared_memfd_under_tcg(tmp_path: Path) -> None:
     k = fetch.KernelBundle("v", "linux-image-v", tmp_path, tmp_path / "vmlinuz", tmp_path)
-    cmd = guest.qemu_command(k, tmp_path / "i", tmp_path / "c", 7, 768, 2)
+    cmd = guest.qemu_command(k, tmp_path / "i", Path("/x,y/console"), 7, 768, 2)
     assert cmd[cmd.index("-accel") + 1] == "tcg" and cmd[cmd.index("-cpu") + 1] == "max"
     assert cmd[cmd.index("-object") + 1] == "memory-backend-memfd,id=ram,size=768M,share=on"
     assert cmd[cmd.index("-machine") + 1] == "memory-backend=ram"
@@ -237,6 +237,7 @@ def test_qemu_command_backs_ram_with_a_shared_memfd_under_tcg(tmp_path: Path) ->
     serials = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-serial"]
     assert serials == ["chardev:console", "chardev:control"]      # ttyS0, ttyS1
     assert "socket,id=control,fd=7" in cmd and "-nodefaults" in cmd and "-nic" in cmd
+    assert "file,id=console,path=/x,,y/console" in cmd
 
 
 def test_start_rejects_bad_sizes(tmp_path: Path) -> None:
