@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel_vm import boot, fetch, initramfs
+from tests.kernel_vm import boot, fetch, image, initramfs
 
 DEB822 = """\
 Types: deb
@@ -147,20 +147,20 @@ def test_resolve_modules_dependencies_first(tmp_path: Path) -> None:
     _ko(tmp_path, "kernel/net/9p/9pnet_virtio.ko.xz", "9pnet_virtio", "9pnet")
     _ko(tmp_path, "kernel/fs/netfs/netfs.ko.xz", "netfs", "")
     _ko(tmp_path, "kernel/fs/overlayfs/overlay.ko.xz", "overlay", "")
-    mods = initramfs.resolve_modules(tmp_path, ["9p", "9pnet_virtio", "overlay"])
+    mods = image.resolve_modules(tmp_path, ["9p", "9pnet_virtio", "overlay"])
     names = [n for n, _ in mods]
     assert names == ["netfs", "9pnet", "9p", "9pnet_virtio", "overlay"]
     assert all(data.startswith(b"\x7fELF") for _, data in mods)       # decompressed
-    assert initramfs.modinfo(mods[2][1])["depends"] == "9pnet,netfs"
+    assert image.modinfo(mods[2][1])["depends"] == "9pnet,netfs"
 
 
 def test_resolve_modules_missing_and_cycle(tmp_path: Path) -> None:
     _ko(tmp_path, "a.ko.xz", "a", "b")
-    with pytest.raises(initramfs.InitramfsError, match=r"'b' .*needed by a"):
-        initramfs.resolve_modules(tmp_path, ["a"])
+    with pytest.raises(image.InitramfsError, match=r"'b' .*needed by a"):
+        image.resolve_modules(tmp_path, ["a"])
     _ko(tmp_path, "b.ko.xz", "b", "a")
-    with pytest.raises(initramfs.InitramfsError, match="cycle"):
-        initramfs.resolve_modules(tmp_path, ["a"])
+    with pytest.raises(image.InitramfsError, match="cycle"):
+        image.resolve_modules(tmp_path, ["a"])
 
 
 def _plan(tmp_path: Path, python: str, args: list[str]) -> initramfs.GuestPlan:

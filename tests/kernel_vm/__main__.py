@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import boot, fetch, initramfs
+from . import boot, fetch, image, initramfs
 
 PROJECT = Path(__file__).resolve().parents[2]
 DEFAULT_SELECTION = ["-m", "guest", "-v", "tests/"]
@@ -114,8 +114,8 @@ def check_host() -> str | None:
     if shutil.which(boot.QEMU) is None:
         return f"{boot.QEMU} not found: run scripts/setup --test (installs qemu-system-x86)"
     try:
-        initramfs.find_busybox()
-    except initramfs.InitramfsError as exc:
+        image.find_busybox()
+    except image.InitramfsError as exc:
         return str(exc)
     if not (PROJECT / ".venv" / "bin" / "python").exists():
         return f"{PROJECT}/.venv missing: run scripts/setup --test"
@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kernel_vm-") as tmp:
         try:
-            mods = initramfs.resolve_modules(bundle.modules, list(fetch.GUEST_MODULES))
+            mods = image.resolve_modules(bundle.modules, list(fetch.GUEST_MODULES))
             plan = guest_plan(args, [name for name, _ in mods], selection)
             initrd = initramfs.build(plan, mods, Path(tmp) / "initrd.cpio")
-        except (initramfs.InitramfsError, OSError) as exc:
+        except (image.InitramfsError, OSError) as exc:
             log(f"FAILED (boot): cannot build the initramfs: {exc}")
             return EXIT_BOOT
         t_build = time.monotonic() - t0

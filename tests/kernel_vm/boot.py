@@ -37,12 +37,21 @@ class VmConfig:
     extra: list[str] = field(default_factory=list)
 
 
+def tcg_args(cpus: int) -> list[str]:
+    """QEMU under TCG, headless, no monitor and no NIC: the part every guest of the tests
+    shares. The caller adds memory, serial ports, devices and ``kernel_args``."""
+    return [QEMU, "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-no-reboot",
+            "-display", "none", "-vga", "none", "-monitor", "none", "-nic", "none"]
+
+
+def kernel_args(vmlinuz: Path, initrd: Path, append: str = CMDLINE) -> list[str]:
+    return ["-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", append]
+
+
 def qemu_command(cfg: VmConfig) -> list[str]:
     return [
-        QEMU, "-accel", "tcg", "-cpu", "max", "-m", cfg.memory, "-smp", str(cfg.cpus),
-        "-no-reboot", "-display", "none", "-vga", "none", "-monitor", "none",
-        "-serial", "stdio", "-nic", "none",
-        "-kernel", str(cfg.vmlinuz), "-initrd", str(cfg.initrd), "-append", CMDLINE,
+        *tcg_args(cfg.cpus), "-m", cfg.memory, "-serial", "stdio",
+        *kernel_args(cfg.vmlinuz, cfg.initrd),
         "-virtfs", f"local,path={cfg.share},mount_tag=hostroot,security_model=none,"
                    "readonly=on,multidevs=remap",
         *(["-virtfs", f"local,path={cfg.project},mount_tag=project,security_model=none,"
