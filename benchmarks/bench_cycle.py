@@ -100,7 +100,7 @@ class CycleBench:
         return self.r
 
     def close(self) -> None:
-        self.runner.guest.teardown(True)
+        trio.run(self.runner.guest.teardown, True)
         self.store.close()
         self.k.close()
 
@@ -151,7 +151,7 @@ class CycleBench:
         return total / 1e9, out[0] / 1e9
 
     async def run(self, rounds: int) -> dict[str, Any]:
-        core = self.r = self.runner.setup()
+        core = self.r = await self.runner.setup()
         self.fill()
         faults = FaultServer(core)
         cycle = Cycle(core, Evictor(core))

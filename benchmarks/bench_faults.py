@@ -175,7 +175,7 @@ class Bench:
                               strategy=self.strategy, granted=self.granted,
                               tracking=self.tracking, store=self.store,
                               observer=NullObserver())
-        core = runner.setup()
+        core = trio.run(runner.setup)
         # What setup() asked UFFDIO_API for (the features granted are what it supports).
         feats = (type(core.tracker).wanted(self.kernel.dialect, MemType.ANON)
                  | OPTIONAL_FEATURES) & self.granted
@@ -201,7 +201,7 @@ class Bench:
 
             wall = trio.run(main)
         finally:
-            runner.guest.teardown(True)
+            trio.run(runner.guest.teardown, True)
         info = {"faults": dict(core.report.c.faults), "reads": fs.reads, "msgs": fs.msgs,
                 "errors": core.report.c.errors}
         return Round(lat, words, wall, info)

@@ -42,6 +42,7 @@ class Engine:
         self._token: trio.lowlevel.TrioToken | None = None
         self._thread: int | None = None
         self._nursery: trio.Nursery | None = None
+        self._stopped: trio.Event | None = None
         self._stop_requested = False
 
     def _runner(self, guest: Guest) -> RegionRunner:
@@ -53,6 +54,7 @@ class Engine:
                   ) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._thread = threading.get_ident()
+        self._stopped = trio.Event()
         async with trio.open_nursery() as n:
             self._nursery = n
             for r in self.runners:
@@ -60,6 +62,7 @@ class Engine:
             task_status.started()
             if self._stop_requested:
                 self._stop_now()
+            await self._stopped.wait()  # regions may come and go until then
         self._nursery = None
 
     async def add(self, guest: Guest) -> RegionRunner:
@@ -109,6 +112,8 @@ class Engine:
             self._token.run_sync_soon(self._stop_now)
 
     def _stop_now(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
         if self._deadline[0] == float("inf"):
             self._deadline[0] = trio.current_time() + self.settings.daemon.shutdown_deadline_s
         for r in self.runners:
@@ -117,6 +122,10 @@ class Engine:
     @property
     def graceful(self) -> bool:
         return all(r.graceful for r in self.runners)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
 
     def region_stats(self) -> list[RegionStats]:
         return [s for s in (r.stats() for r in self.runners) if s is not None]

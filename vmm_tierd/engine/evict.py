@@ -238,8 +238,12 @@ class Evictor:
             batch = r.pages.detached(victims, 0)
             if not held:
                 try:
-                    # memfd uffds don't take EVENT_REMOVE, so this can't block on us.
-                    r.space.discard([(u.addr(first), count * ps) for first, count, _ in rr])
+                    # memfd uffds don't take EVENT_REMOVE, so a local madvise can't block
+                    # on us; in another process it is an injected syscall, which waits
+                    # until the VMM's thread stops, and that may wait on a fault of ours:
+                    # a worker thread, while the loop serves faults.
+                    await trio.to_thread.run_sync(
+                        r.space.discard, [(u.addr(first), count * ps) for first, count, _ in rr])
                 except KernelError as e:
                     r.report.error(e, "MADV_DONTNEED of victims")
                     self._give_back(batch, held)  # some may be zapped: map them again

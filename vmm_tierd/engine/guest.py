@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -21,6 +21,9 @@ from ..settings import RegionSettings
 from .tracker import OPTIONAL_FEATURES, tracker_class
 from .uffd import STAGING_PAGES, RegionUffd
 
+if TYPE_CHECKING:
+    from .region import RegionCtx
+
 log = logging.getLogger("vmm_tierd.engine")
 
 
@@ -29,13 +32,20 @@ class Guest(Protocol):
     vm: str  # the VM the region belongs to ("" for memory of this process)
     memtype: MemType
     space: AddressSpace
+    # Who the region's store records belong to: None = this daemon instance (they die
+    # with it); a VMM's identity for memory of another process (they outlive a daemon
+    # crash, for the next one to take over, and die with that VMM).
+    store_owner: str | None
 
-    def setup(self, strategy: Strategy, granted: int) -> tuple[RegionUffd, int]:
+    async def setup(self, strategy: Strategy, granted: int) -> tuple[RegionUffd, int]:
         """Map/find the memory, get a uffd on it, register; returns the uffds and the
-        features enabled on the region's uffd."""
+        features enabled on the region's uffd. Async: reaching into another process
+        (injected syscalls) must run in a worker thread while faults are served."""
         ...
 
-    def register_mode(self) -> int: ...
+    def adopt(self, r: RegionCtx) -> None:
+        """Before serving: take over the state an earlier daemon left (evicted pages
+        whose records the store holds); nothing for memory that is new."""
 
     def start(self) -> None:
         """The fault server is serving: guest activity may begin."""
@@ -44,15 +54,16 @@ class Guest(Protocol):
         """Stop guest activity of ours (the demo workload); may block on faults, so it
         runs in a thread while faults are served."""
 
-    def teardown(self, graceful: bool) -> None:
-        """Unregister and close (graceful), or leave the uffds as they are so that
-        blocked guest threads stay blocked instead of reading zeros."""
+    async def teardown(self, graceful: bool) -> None:
+        """Unregister and close (graceful), or leave the uffds so that blocked guest
+        threads stay blocked instead of reading zeros. Runs shielded from cancellation."""
 
 
 class LocalGuest:
     """Memory this process maps, optionally driven by the built-in workload."""
 
     vm = ""
+    store_owner: str | None = None
 
     def __init__(self, kernel: Kernel, rs: RegionSettings,
                  guest_side: GuestSide | None = None) -> None:
@@ -71,7 +82,7 @@ class LocalGuest:
     def register_mode(self) -> int:
         return self._mode
 
-    def setup(self, strategy: Strategy, granted: int) -> tuple[RegionUffd, int]:
+    async def setup(self, strategy: Strategy, granted: int) -> tuple[RegionUffd, int]:
         k, rs = self.k, self.rs
         memfd = rs.memtype is MemType.MEMFD
         region = self.region = (k.map_memfd(rs.size_bytes, rs.name) if memfd
@@ -112,6 +123,9 @@ class LocalGuest:
                  rs.size_bytes >> 20, rs.memtype.value, strategy.value, info.features)
         return u, info.features
 
+    def adopt(self, r: RegionCtx) -> None:
+        pass  # memory mapped just now
+
     def start(self) -> None:
         if self.guest_side is not None and self.region is not None:
             self.workload = self.guest_side.start_workload(self.region, self.rs.workload)
@@ -123,7 +137,7 @@ class LocalGuest:
             await trio.to_thread.run_sync(self.workload.stop, abandon_on_cancel=True)
             self.workload_stopped = True
 
-    def teardown(self, graceful: bool) -> None:
+    async def teardown(self, graceful: bool) -> None:
         k, u = self.k, self.uffd
         if u is not None:
             for fd, reg in ((u.sfd, u.staging), (u.fd, u.region)):

@@ -259,6 +259,10 @@ class PageTable:
                                  np.uint8(EVICTED | EXPIRED))
         self._evicted += len(p)
 
+    def forget_records(self, pages: np.ndarray) -> None:
+        """Restart: records of ``pages`` are stale (the pages are in memory): delete."""
+        self._deletes.extend(pages.tolist())
+
     # ---- tracking ------------------------------------------------------------------------
     def observe(self, cold: np.ndarray, present: np.ndarray) -> None:
         """One interval's tracking result: ``cold`` = present and not accessed since the

@@ -63,16 +63,19 @@ class RegionRunner:
         self.cycle: Cycle | None = None
         self.stop_event = trio.Event()
         self.graceful = False
+        self.vanished = False
+        self.done = trio.Event()
         self.restored = 0
 
-    def setup(self) -> RegionCtx:
+    async def setup(self) -> RegionCtx:
         """Register the region and build its context (``run`` does it first)."""
-        uffd, features = self.guest.setup(self.strategy, self.granted)
+        uffd, features = await self.guest.setup(self.strategy, self.granted)
         region = uffd.region
         tracker = make_tracker(self.strategy, self.k, self.guest.space, uffd.fd, region,
                                features)
         pages = PageTable(region.npages, self.tracking, region.page_size)
-        return RegionCtx(name=self.name, rid=self.store.region_id(self.name), pages=pages,
+        rid = self.store.region_id(self.name, owner=self.guest.store_owner)
+        return RegionCtx(name=self.name, rid=rid, pages=pages,
                          uffd=uffd, tracker=tracker, space=self.guest.space,
                          store=self.store, report=self.report,
                          memfd=region.fd >= 0, tracking=self.tracking)
@@ -80,9 +83,11 @@ class RegionRunner:
     async def run(self, deadline: list[float], *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            r = self.ctx = self.setup()
+            r = self.ctx = await self.setup()
+            self.guest.adopt(r)
         except BaseException:
-            self.guest.teardown(True)  # nothing can be blocked on it yet: safe to close
+            with trio.CancelScope(shield=True):
+                await self.guest.teardown(True)  # nothing can be blocked on it yet
             raise
         evictor = Evictor(r)
         self.faults = FaultServer(r)
@@ -95,20 +100,29 @@ class RegionRunner:
                 task_status.started()
                 await self.stop_event.wait()
                 cycle.stop()
-                with trio.move_on_at(deadline[0]) as cs:
-                    await self.guest.stop()
+                if self.vanished:
+                    # The memory is gone with its process: nothing to restore, records
+                    # of it are dead.
+                    r.dead = True
                     await cycle.done.wait()
-                    await evictor.flush_deletes()
-                    self.restored = await restore_all(r)
-                    if not r.pages.evicted_pages:
-                        self.graceful = True  # every page is back in guest memory
-                        await self._delete_all(r)
-                if cs.cancelled_caught:
-                    log.error("region %s: shutdown deadline passed; records stay for the "
-                              "next start to reclaim", self.name)
+                    await self._delete_all(r)
+                else:
+                    with trio.move_on_at(deadline[0]) as cs:
+                        await self.guest.stop()
+                        await cycle.done.wait()
+                        await evictor.flush_deletes()
+                        self.restored = await restore_all(r)
+                        if not r.pages.evicted_pages:
+                            self.graceful = True  # every page is back in guest memory
+                            await self._delete_all(r)
+                    if cs.cancelled_caught:
+                        log.error("region %s: shutdown deadline passed; records stay for "
+                                  "the next start to reclaim", self.name)
                 n.cancel_scope.cancel()
         finally:
-            self.guest.teardown(self.graceful)
+            with trio.CancelScope(shield=True):
+                await self.guest.teardown(self.graceful)
+            self.done.set()
 
     async def _delete_all(self, r: RegionCtx) -> None:
         """The records of a region whose pages are all back. If this fails the stop is
@@ -121,6 +135,11 @@ class RegionRunner:
                             "next start reclaims them")
 
     def request_stop(self) -> None:
+        self.stop_event.set()
+
+    def vanish(self) -> None:
+        """The region's process exited: stop serving and drop its records."""
+        self.vanished = True
         self.stop_event.set()
 
     def update_tracking(self, tracking: TrackingSettings) -> None:

@@ -56,7 +56,11 @@ class PageStore:
     def __init__(self, path: Path, *, map_size: int = 8 << 30, zstd_level: int = 1,
                  sync: str = "commit", instance_id: str | None = None,
                  segment_pages: int = 32, compact_below: float = 0.5,
-                 gc_dead: float = 0.1, compact_in_put: float = 2.0) -> None:
+                 gc_dead: float = 0.1, compact_in_put: float = 2.0,
+                 keep_owner: Callable[[str], bool] | None = None) -> None:
+        """``keep_owner``: at open, records of regions owned by anyone but this instance
+        are reclaimed, except those whose owner this says to keep (a VMM still running
+        whose uffd outlived the daemon that evicted its pages)."""
         if sync not in SYNC_MODES:
             raise ValueError(f"store sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
         self.path = Path(path).expanduser()
@@ -106,6 +110,8 @@ class PageStore:
         self._regions: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._owners: dict[int, str] = {}
+        self._claimed: set[int] = set()  # regions claimed by region_id() since open
+        self._keep_owner = keep_owner
         try:
             self._load()
             self.reclaimed = self._reclaim()
@@ -134,7 +140,9 @@ class PageStore:
 
     def _reclaim(self) -> int:
         """Delete every record of regions owned by other (dead) instances."""
-        foreign = {r for r in self._names if self._owners.get(r) != self.instance_id}
+        keep = self._keep_owner or (lambda owner: False)
+        foreign = {r for r in self._names if self._owners.get(r) != self.instance_id
+                   and not keep(self._owners.get(r, ""))}
         before = self._log.counters.records
         if not foreign or not before:
             return 0
@@ -204,9 +212,12 @@ class PageStore:
         return d
 
     # ---- public API --------------------------------------------------------------------
-    def region_id(self, name: str) -> int:
+    def region_id(self, name: str, owner: str | None = None) -> int:
+        """The region's id, claimed for ``owner`` (default: this instance). Records the
+        region holds for another owner are dead and go in the same txn."""
+        owner = owner or self.instance_id
         rid = self._regions.get(name)
-        if rid is not None and self._owners.get(rid) == self.instance_id:
+        if rid is not None and self._owners.get(rid) == owner and rid in self._claimed:
             return rid
 
         def claim(txn: Txn, d: Delta) -> int:
@@ -214,14 +225,35 @@ class PageStore:
             if r is None:
                 r = max(self._names, default=0) + 1
                 txn.put(region_key(name), REGION_ID.pack(r), db=self._meta)
-            txn.put(owner_key(r), self.instance_id.encode(), db=self._meta)
+            elif self._owners.get(r) != owner:
+                self._log.delete_range(txn, d, r, 0, MAX_PAGE + 1)
+            txn.put(owner_key(r), owner.encode(), db=self._meta)
             return r
 
         rid = self._write(f"region_id({name!r})", claim)
         self._regions[name] = rid
         self._names[rid] = name
-        self._owners[rid] = self.instance_id
+        self._owners[rid] = owner
+        self._claimed.add(rid)
         return rid
+
+    def region_owner(self, name: str) -> str | None:
+        rid = self._regions.get(name)
+        return None if rid is None else self._owners.get(rid)
+
+    # ---- small metadata of the daemon's own (e.g. which uffd a VMM holds for us) ------
+    def get_meta(self, key: str) -> bytes | None:
+        with self._env.begin() as txn:
+            v = txn.get(b"user/" + key.encode(), db=self._meta)
+        return None if v is None else bytes(v)
+
+    def put_meta(self, key: str, value: bytes) -> None:
+        self._write(f"put_meta({key!r})",
+                    lambda txn, d: txn.put(b"user/" + key.encode(), value, db=self._meta))
+
+    def delete_meta(self, key: str) -> None:
+        self._write(f"delete_meta({key!r})",
+                    lambda txn, d: txn.delete(b"user/" + key.encode(), db=self._meta))
 
     def region_name(self, region: int) -> str:
         return self._names.get(region, f"#{region}")
@@ -233,7 +265,7 @@ class PageStore:
         n = len(idx)
         if mv.nbytes != n * PAGE:
             raise ValueError(f"put_batch: {n} pages need {n * PAGE} bytes, got {mv.nbytes}")
-        if self._owners.get(region) != self.instance_id:
+        if region not in self._claimed:
             raise ValueError(f"put_batch: region id {region} not claimed with region_id()")
         if n == 0:
             return PutResult(0, 0, 0, 0)
