@@ -27,6 +27,7 @@ BENCHMARKS: list[str] = [
     "bench_store:bench_policy",
     "bench_faults:bench_faults",
     "bench_cycle:bench_cycle",
+    "bench_minivmm:bench_minivmm",
 ]
 
 Figure = dict[str, Any]

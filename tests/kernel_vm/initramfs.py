@@ -12,7 +12,7 @@ import re
 import shlex
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -33,6 +33,8 @@ class GuestPlan:
     modules: list[str]         # module file names in load order (under /lib/modules)
     env: dict[str, str]
     prelude: list[list[str]]   # commands run in the chroot before pytest (e.g. kernel-info)
+    # Loaded after ``modules``, in order; a failed insmod is reported, not fatal.
+    optional_modules: list[str] = field(default_factory=list)
 
 
 def modinfo(ko: bytes) -> dict[str, str]:
@@ -133,6 +135,8 @@ def init_script(plan: GuestPlan) -> str:
         return f'echo "{marker(t, what)}"'
 
     insmods = "\n".join(f"insmod /lib/modules/{m}.ko || fail 'insmod {m}'" for m in plan.modules)
+    insmods += "".join(f"\ninsmod /lib/modules/{m}.ko || echo 'insmod {m} failed (optional)'"
+                       for m in plan.optional_modules)
     return f"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /host /newroot /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -168,6 +172,7 @@ mkdir -p /dev/shm /tmp/home
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm || true
 if [ -c /dev/userfaultfd ]; then echo "/dev/userfaultfd present"
 else echo "/dev/userfaultfd MISSING"; fi
+if [ -c /dev/kvm ]; then echo "/dev/kvm present"; else echo "/dev/kvm MISSING"; fi
 cp /kvm-run.sh /tmp/kvm-run.sh || fail 'copy run script'
 {say("SETUP-DONE")}
 chroot /newroot /bin/sh /tmp/kvm-run.sh </dev/null

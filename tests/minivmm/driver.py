@@ -60,23 +60,24 @@ def cache_dir() -> Path:
     return Path(env) if env else PROJECT / ".cache" / "minivmm"
 
 
-def build(cache: Path | None = None) -> Path:
-    """The compiled VMM, built once per source version (atomic rename into the cache)."""
-    src = SOURCE.read_bytes()
+def build(cache: Path | None = None, source: Path = SOURCE) -> Path:
+    """The compiled ``source`` (default minivmm.c), built once per source version (atomic
+    rename into the cache); the binary is named after the source."""
+    src = source.read_bytes()
     key = hashlib.sha256(src + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    out = (cache or cache_dir()) / key / "minivmm"
+    out = (cache or cache_dir()) / key / source.stem
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".minivmm.{os.getpid()}.{threading.get_ident()}")
+    tmp = out.with_name(f".{source.stem}.{os.getpid()}.{threading.get_ident()}")
     try:
-        proc = subprocess.run(["gcc", *CFLAGS, "-o", str(tmp), str(SOURCE)],
+        proc = subprocess.run(["gcc", *CFLAGS, "-o", str(tmp), str(source)],
                               capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise MiniVmmError(f"cannot run gcc on {SOURCE}: {exc}") from exc
+        raise MiniVmmError(f"cannot run gcc on {source}: {exc}") from exc
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise MiniVmmError(f"gcc failed on {SOURCE} ({proc.returncode}):\n{proc.stderr}")
+        raise MiniVmmError(f"gcc failed on {source} ({proc.returncode}):\n{proc.stderr}")
     os.replace(tmp, out)
     return out
 
@@ -256,9 +257,8 @@ class MiniVmm:
 
     @property
     def ready(self) -> Ready:
-        if self._ready is None:
-            raise MiniVmmError("minivmm is not ready yet: call wait_ready()")
-        return self._ready
+        """The READY line's facts (waits for it: in handoff mode, ack first)."""
+        return self.wait_ready()
 
     def close(self, timeout: float = 30.0) -> int:
         """Quit cleanly (the vCPU finishes what is queued), or kill after ``timeout``.

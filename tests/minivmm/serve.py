@@ -22,7 +22,8 @@ ZERO_PAGE = bytes(PAGE)
 
 class FaultServer:
     """Resolves each MISSING fault with UFFDIO_COPY of ``content(page_address)``
-    (default: zeros). ``stop()`` joins the thread and re-raises what it failed with."""
+    (default: zeros), and each RWP fault (7.3, sync mode) by un-protecting its page.
+    ``stop()`` joins the thread and re-raises what it failed with."""
 
     def __init__(self, kernel: LinuxKernel, uffd: int,
                  content: Callable[[int], bytes] | None = None) -> None:
@@ -63,6 +64,11 @@ class FaultServer:
     def _serve(self, ev: PageFault) -> None:
         addr = ev.address & ~(PAGE - 1)
         self.faults.append(ev)
+        if ev.rwp:
+            self.kernel.uffd_rwprotect(self.uffd, addr, PAGE, 0)   # clear, and wake
+            return
+        if not ev.missing:
+            raise RuntimeError(f"unexpected fault {ev}")
         try:
             self.kernel.uffd_copy(self.uffd, addr, self.content(addr))
         except KernelError as exc:
