@@ -26,8 +26,9 @@ class FaultServer:
     ``stop()`` joins the thread and re-raises what it failed with."""
 
     def __init__(self, kernel: LinuxKernel, uffd: int,
-                 content: Callable[[int], bytes] | None = None) -> None:
+                 content: Callable[[int], bytes] | None = None, cpu: int | None = None) -> None:
         self.kernel = kernel
+        self.cpu = cpu             # pin the serving thread to this CPU
         self.uffd = uffd
         self.content = content or (lambda addr: ZERO_PAGE)
         self.faults: list[PageFault] = []
@@ -43,6 +44,8 @@ class FaultServer:
         return self
 
     def _run(self) -> None:
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})   # this thread only
         poller = select.poll()
         poller.register(self.uffd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
