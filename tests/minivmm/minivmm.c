@@ -1,7 +1,8 @@
 /* minivmm: the smallest VMM whose guest memory accesses come from KVM, for testing a
  * memory-tiering daemon beside a VMM (attach by ptrace, or a uffd handed over a socket).
  *
- *   minivmm [--ram-mib N] [--fill-dwords N] [--handoff SOCKET [--uffd-api HEX] [--register HEX] [--no-memfd]]
+ *   minivmm [--ram-mib N] [--fill-dwords N]
+ *           [--handoff SOCKET [--uffd-api FEATURES_HEX] [--register MODE_HEX] [--no-memfd]]
  *
  * Guest RAM is a memfd named "memory-backend-memfd" (as QEMU names it), mapped MAP_SHARED
  * once and given to KVM as memory slot 0 at guest-physical 0. One vCPU thread, named
@@ -42,9 +43,8 @@
  * O_NONBLOCK), never UFFD_USER_MODE_ONLY (KVM's accesses are kernel-mode faults, which such
  * a uffd answers with EFAULT). Optionally it does UFFDIO_API (--uffd-api FEATURES) and
  * UFFDIO_REGISTER of all RAM (--register MODE) itself, as Firecracker does. It connects to
- * SOCKET and sends Firecracker's message: a JSON array with one object per region,
- *   [{"base_host_virt_addr": N, "size": N, "offset": 0, "page_size": 4096,
- *     "page_size_kib": 4096}]
+ * SOCKET and sends Firecracker's message: a compact JSON array with one object per region,
+ *   [{"base_host_virt_addr":N,"size":N,"offset":0,"page_size":4096,"page_size_kib":4096}]
  * (page_size_kib is Firecracker's deprecated field and holds bytes), with the uffd and, unless
  * --no-memfd, the memfd (e2b's extension) as SCM_RIGHTS fds, in that order, in one control
  * message. It keeps its own copy of the uffd, so if the receiver dies the guest's faults
@@ -54,7 +54,8 @@
  * (anything up to '\n') or by closing its end. A receiver handed a fresh uffd must do
  * UFFDIO_API and UFFDIO_REGISTER before the guest runs, or the guest's first accesses would
  * populate the RAM unseen; acknowledging after that makes the ordering explicit. The VMM
- * closes the socket after the ack.
+ * closes the socket after the ack. Until then it reads nothing else (not even stdin): a
+ * receiver that never answers leaves it waiting until it is killed.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -627,8 +628,8 @@ static void command_loop(void)
 static void usage(void) __attribute__((noreturn));
 static void usage(void)
 {
-    fprintf(stderr, "usage: minivmm [--ram-mib N] [--fill-dwords N] [--handoff SOCKET [--uffd-api HEX] "
-                    "[--register HEX] [--no-memfd]]\n");
+    fprintf(stderr, "usage: minivmm [--ram-mib N] [--fill-dwords N] [--handoff SOCKET "
+                    "[--uffd-api HEX] [--register HEX] [--no-memfd]]\n");
     exit(2);
 }
 
