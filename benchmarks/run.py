@@ -28,6 +28,7 @@ BENCHMARKS: list[str] = [
     "bench_faults:bench_faults",
     "bench_cycle:bench_cycle",
     "bench_inject:bench_inject",
+    "bench_minivmm:bench_minivmm",
 ]
 
 Figure = dict[str, Any]

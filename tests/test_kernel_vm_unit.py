@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import lzma
 import shutil
@@ -94,10 +95,13 @@ def test_release_and_depends_parsing() -> None:
                                          "linux-modules-7.3.4+deb13-amd64"]
 
 
-def _fake_bundle(root: Path, release: str, package: str, with_vmlinuz: bool = True) -> None:
+def _fake_bundle(root: Path, release: str, package: str, with_vmlinuz: bool = True,
+                 dirs: tuple[str, ...] = fetch.MODULE_DIRS) -> None:
     d = root / release
     mod = d / "usr/lib/modules" / release
     mod.mkdir(parents=True)
+    for sub in dirs:
+        (mod / sub).mkdir(parents=True)
     if with_vmlinuz:
         (mod / "vmlinuz").write_bytes(b"kernel")
     (d / "bundle.json").write_text(json.dumps({
@@ -112,6 +116,8 @@ def test_cached_bundle_picks_newest_complete(tmp_path: Path) -> None:
     _fake_bundle(tmp_path, "7.3.11+deb13-amd64", "linux-image-7.3.11+deb13-amd64",
                  with_vmlinuz=False)                      # interrupted extraction
     _fake_bundle(tmp_path, "7.2.1+deb13-amd64", "linux-image-7.2.1+deb13-amd64")
+    _fake_bundle(tmp_path, "7.3.10+deb13-amd64", "linux-image-7.3.10+deb13-amd64",
+                 dirs=fetch.MODULE_DIRS[:4])              # cached before the kvm modules
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "bundle.json").write_text("{not json")
     b = fetch.cached_bundle(tmp_path)
@@ -120,6 +126,25 @@ def test_cached_bundle_picks_newest_complete(tmp_path: Path) -> None:
     logs: list[str] = []
     assert fetch.ensure_kernel(tmp_path, logs.append) == b     # no network: cache hit
     assert "cache" in logs[0]
+
+
+def test_cached_bundle_without_the_kvm_modules_is_downloaded_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_bundle(tmp_path, "7.3.4+deb13-amd64", "linux-image-7.3.4+deb13-amd64",
+                 dirs=fetch.MODULE_DIRS[:4])
+    assert fetch.cached_bundle(tmp_path) is None
+    seen: list[Path] = []
+
+    def download(root: Path, log: fetch.LogFn) -> fetch.KernelBundle:
+        seen.append(root)
+        raise fetch.KernelFetchError("offline")
+
+    monkeypatch.setattr(fetch, "download", download)
+    logs: list[str] = []
+    with pytest.raises(fetch.KernelFetchError, match="offline"):
+        fetch.ensure_kernel(tmp_path, logs.append)
+    assert seen == [tmp_path]
+    assert any("lacks kernel/arch/x86/kvm" in line for line in logs), logs
 
 
 def test_private_apt_options_never_point_at_system_state(tmp_path: Path) -> None:
@@ -207,6 +232,24 @@ def test_scripts_are_valid_sh_with_markers_and_modules(tmp_path: Path) -> None:
         assert initramfs.marker("abc123", word) in init
     assert init.index("insmod /lib/modules/netfs.ko") < init.index("insmod /lib/modules/9pnet.ko")
     assert "poweroff -f" in init and "mount -t 9p" in init
+
+
+@needs_busybox
+def test_optional_modules_load_after_the_others_and_may_fail(tmp_path: Path) -> None:
+    plan = dataclasses.replace(_plan(tmp_path, "/usr/bin/python3", ["-q"]),
+                               optional_modules=["kvm", "kvm_amd"])
+    init = initramfs.init_script(plan)
+    lines = [line for line in init.splitlines() if line.startswith("insmod ")]
+    assert [line.split()[1] for line in lines] == [
+        f"/lib/modules/{m}.ko" for m in ("netfs", "9pnet", "kvm", "kvm_amd")]
+    assert all("|| fail" in line for line in lines[:2])
+    assert not any("fail '" in line for line in lines[2:])
+    # A failing optional insmod does not stop the script.
+    script = "\n".join(lines[2:]).replace("insmod /", "false /") + "\necho after"
+    proc = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True)
+    assert proc.stdout.splitlines() == ["insmod kvm failed (optional)",
+                                        "insmod kvm_amd failed (optional)", "after"]
+    assert "/dev/kvm present" in init
 
 
 @needs_busybox
@@ -304,3 +347,13 @@ def test_files_from_collection_unique_in_order() -> None:
            "\n50/371 tests collected (321 deselected) in 11.59s\n")
     assert files_from_collection(out) == ["tests/conformance/test_conformance.py",
                                           "tests/test_e2e.py"]
+
+
+def test_prelude_option_adds_commands_after_kernel_info() -> None:
+    from tests.kernel_vm import __main__ as kvm_main
+
+    args = kvm_main.parse_args(["--prelude", "python bench.py --quick 'a b'", "--prelude", "true"])
+    plan = kvm_main.guest_plan(args, ["netfs"], ["-q"], ["kvm"])
+    assert plan.prelude[0][-2:] == ["kernel-info", "--json"]
+    assert plan.prelude[1:] == [["python", "bench.py", "--quick", "a b"], ["true"]]
+    assert (plan.modules, plan.optional_modules) == (["netfs"], ["kvm"])

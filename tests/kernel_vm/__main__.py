@@ -1,10 +1,11 @@
 """``python -m tests.kernel_vm [options] [-- pytest args]``
 
 Obtains (and caches) Debian's newest Linux >= 7.3 kernel, builds a busybox initramfs with the
-9p/overlay modules, boots it under QEMU/TCG with the host's root shared read-only (writes go
-to a tmpfs overlay), runs the pytest selection as root in the guest, streams its output and
-exits with pytest's status. Without pytest args the selection is ``-m guest -v`` over the
-files in which a host-side ``--collect-only -m guest`` finds tests (``tests/`` if that fails).
+9p/overlay modules (and kvm-amd, so /dev/kvm exists in the guest), boots it under QEMU/TCG
+with the host's root shared read-only (writes go to a tmpfs overlay), runs the pytest
+selection as root in the guest, streams its output and exits with pytest's status. Without
+pytest args the selection is ``-m guest -v`` over the files in which a host-side
+``--collect-only -m guest`` finds tests (``tests/`` if that fails).
 
 Exit status: pytest's own, or 70 host prerequisites missing, 71 kernel could not be
 obtained, 72 guest did not boot or set up, 73 guest died or hung during the tests.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -55,12 +57,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="extra environment variable for the guest's pytest (repeatable)")
     p.add_argument("--no-kernel-info", action="store_true",
                    help="skip 'vmm-tierd kernel-info --json' before pytest")
+    p.add_argument("--prelude", action="append", default=[], metavar="COMMAND",
+                   help="extra command (shell words) run in the checkout before pytest, "
+                        "e.g. a benchmark (repeatable; its failure does not stop the run)")
     p.add_argument("pytest_args", nargs="*", help="after --: the pytest selection")
     return p.parse_args(argv)
 
 
 def guest_plan(args: argparse.Namespace, modules: list[str],
-               selection: list[str]) -> initramfs.GuestPlan:
+               selection: list[str], optional: list[str] | None = None) -> initramfs.GuestPlan:
     venv = PROJECT / ".venv"
     python = venv / "bin" / "python"
     env = {
@@ -79,10 +84,11 @@ def guest_plan(args: argparse.Namespace, modules: list[str],
     prelude: list[list[str]] = []
     if not args.no_kernel_info:
         prelude.append([str(python), "-m", "vmm_tierd.cli", "kernel-info", "--json"])
+    prelude += [shlex.split(cmd) for cmd in args.prelude]
     return initramfs.GuestPlan(
         token=secrets.token_hex(6), project=str(PROJECT), python=str(python),
         pytest_args=selection, modules=modules,
-        env=env, prelude=prelude)
+        env=env, prelude=prelude, optional_modules=optional or [])
 
 
 def guest_files(python: Path) -> list[str] | None:
@@ -108,6 +114,17 @@ def files_from_collection(output: str) -> list[str]:
         if sep and path.endswith(".py") and path not in files:
             files.append(path)
     return files
+
+
+def optional_modules(tree: Path, have: set[str]) -> list[tuple[str, bytes]]:
+    """fetch.OPTIONAL_MODULES and their dependencies not in ``have``; [] (logged) if the
+    kernel package lacks one."""
+    try:
+        mods = image.resolve_modules(tree, list(fetch.OPTIONAL_MODULES))
+    except (image.InitramfsError, OSError) as exc:
+        log(f"optional modules left out: {exc}")
+        return []
+    return [(name, data) for name, data in mods if name not in have]
 
 
 def check_host() -> str | None:
@@ -163,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kernel_vm-") as tmp:
         try:
             mods = image.resolve_modules(bundle.modules, list(fetch.GUEST_MODULES))
-            plan = guest_plan(args, [name for name, _ in mods], selection)
-            initrd = initramfs.build(plan, mods, Path(tmp) / "initrd.cpio")
+            opt = optional_modules(bundle.modules, {name for name, _ in mods})
+            plan = guest_plan(args, [name for name, _ in mods], selection,
+                              [name for name, _ in opt])
+            initrd = initramfs.build(plan, mods + opt, Path(tmp) / "initrd.cpio")
         except (image.InitramfsError, OSError) as exc:
             log(f"FAILED (boot): cannot build the initramfs: {exc}")
             return EXIT_BOOT

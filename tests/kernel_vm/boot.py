@@ -1,7 +1,9 @@
 """Boot the guest under QEMU/TCG, stream its serial console, watch it, read its markers.
 
 KVM cannot boot a Linux guest on these machines (nested kvm_pvm: emulation failures), so the
-guest always runs under TCG (``-accel tcg -cpu max``): slow, but the real 7.3 kernel.
+guest always runs under TCG (``-accel tcg -cpu max``): slow, but the real 7.3 kernel. The
+``max`` CPU is an AMD one with SVM and NPT, so the guest runs KVM itself (kvm-amd, loaded by
+/init): a small VMM inside it (tests/minivmm) has its guest accesses made by nested KVM.
 """
 
 from __future__ import annotations

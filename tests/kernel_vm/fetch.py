@@ -1,5 +1,8 @@
 """Obtain and cache a Debian Linux >= 7.3 kernel (vmlinuz + the few modules the guest needs).
 
+A cached kernel is used only if it holds every directory of ``MODULE_DIRS``; one cached by
+an older version of this file (fewer modules) is downloaded again and replaced.
+
 apt runs on a PRIVATE sources list with private state and cache dirs (all ``-o`` options), so
 the system's sources, lists and dpkg state are never touched. The mirror host is read from the
 system's own sources at run time. Versions rotate off the mirror, so the newest image that is
@@ -24,7 +27,12 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 FLAVOUR = "amd64"
 # Modules loaded in the guest, in dependency order after resolution (see initramfs.py).
 GUEST_MODULES = ("9p", "9pnet_virtio", "overlay")
-MODULE_DIRS = ("kernel/fs/9p", "kernel/net/9p", "kernel/fs/netfs", "kernel/fs/overlayfs")
+# Loaded if they can be: a failure leaves only the tests that need them failing.
+# kvm_amd (deps: kvm, irqbypass, ccp) gives the guest /dev/kvm for tests/minivmm: QEMU's
+# "-cpu max" under TCG is an AMD CPU with SVM and NPT, so nested KVM works in the guest.
+OPTIONAL_MODULES = ("kvm_amd",)
+MODULE_DIRS = ("kernel/fs/9p", "kernel/net/9p", "kernel/fs/netfs", "kernel/fs/overlayfs",
+               "kernel/arch/x86/kvm", "kernel/virt/lib", "kernel/drivers/crypto/ccp")
 
 LogFn = Callable[[str], None]
 _IMAGE_RE = re.compile(
@@ -166,8 +174,14 @@ class PrivateApt:
         return proc.stdout
 
 
+def missing_dirs(bundle: KernelBundle, dirs: tuple[str, ...] = MODULE_DIRS) -> list[str]:
+    """The module directories ``bundle`` was cached without."""
+    return [d for d in dirs if not (bundle.modules / d).is_dir()]
+
+
 def cached_bundle(root: Path) -> KernelBundle | None:
-    """The newest complete cached kernel >= MIN_VERSION, or None."""
+    """The newest complete cached kernel >= MIN_VERSION (vmlinuz and every MODULE_DIRS
+    directory present), or None."""
     best: tuple[tuple[int, int, int, str, int], KernelBundle] | None = None
     if not root.is_dir():
         return None
@@ -180,7 +194,8 @@ def cached_bundle(root: Path) -> KernelBundle | None:
         except (OSError, ValueError, KeyError):
             continue
         key = version_key(bundle.package)
-        if key is None or key[:2] < MIN_VERSION or not bundle.vmlinuz.is_file():
+        if (key is None or key[:2] < MIN_VERSION or not bundle.vmlinuz.is_file()
+                or missing_dirs(bundle)):
             continue
         if best is None or key > best[0]:
             best = (key, bundle)
@@ -237,9 +252,13 @@ def download(root: Path, log: LogFn) -> KernelBundle:
                 "modules": mod_root, "mirror": mirror, "suite": SUITE,
                 "debs": sorted(d.name for d in debs.glob("*.deb"))}, indent=1))
             final = root / release
+            # Replace an older copy with two renames, not rmtree-then-rename: a run that
+            # is reading the old copy meanwhile finds it complete or not at all.
+            old = root / f".old.{release}.{os.getpid()}"
             if final.exists():
-                shutil.rmtree(final)
+                final.rename(old)
             staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -256,4 +275,13 @@ def ensure_kernel(root: Path, log: LogFn, refresh: bool = False) -> KernelBundle
         if bundle is not None:
             log(f"kernel from cache: {bundle.describe()}")
             return bundle
+        for meta in sorted(root.glob("*/bundle.json")) if root.is_dir() else []:
+            try:
+                rel = json.loads(meta.read_text())["modules"]
+            except (OSError, ValueError, KeyError):
+                continue
+            old = KernelBundle("", "", meta.parent, meta.parent, meta.parent / rel)
+            if missing_dirs(old):
+                log(f"cached kernel in {meta.parent} lacks {', '.join(missing_dirs(old))}: "
+                    "downloading again")
     return download(root, log)

@@ -5,7 +5,7 @@ the host's root (shared read-only) and runs pytest there. Generic pieces: ``imag
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .image import FILE, INIT_PROLOGUE, write_busybox_image
@@ -22,6 +22,8 @@ class GuestPlan:
     modules: list[str]         # module file names in load order (under /lib/modules)
     env: dict[str, str]
     prelude: list[list[str]]   # commands run in the chroot before pytest (e.g. kernel-info)
+    # Loaded after ``modules``, in order; a failed insmod is reported, not fatal.
+    optional_modules: list[str] = field(default_factory=list)
 
 
 def marker(token: str, what: str) -> str:
@@ -36,6 +38,8 @@ def init_script(plan: GuestPlan) -> str:
         return f'echo "{marker(t, what)}"'
 
     insmods = "\n".join(f"insmod /lib/modules/{m}.ko || fail 'insmod {m}'" for m in plan.modules)
+    insmods += "".join(f"\ninsmod /lib/modules/{m}.ko || echo 'insmod {m} failed (optional)'"
+                       for m in plan.optional_modules)
     return INIT_PROLOGUE + f"""mkdir -p /host /newroot
 fail() {{ echo "guest setup failed: $1"; {say("SETUP-FAILED")}; poweroff -f; sleep 30; }}
 mount -t tmpfs -o mode=1777 tmpfs /tmp
@@ -65,6 +69,7 @@ mkdir -p /dev/shm /tmp/home
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm || true
 if [ -c /dev/userfaultfd ]; then echo "/dev/userfaultfd present"
 else echo "/dev/userfaultfd MISSING"; fi
+if [ -c /dev/kvm ]; then echo "/dev/kvm present"; else echo "/dev/kvm MISSING"; fi
 cp /kvm-run.sh /tmp/kvm-run.sh || fail 'copy run script'
 {say("SETUP-DONE")}
 chroot /newroot /bin/sh /tmp/kvm-run.sh </dev/null

@@ -1,0 +1,1 @@
+"""minivmm: a minimal KVM VMM of the project's own (minivmm.c) and its typed driver."""
