@@ -30,7 +30,7 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     assert ": ok: 1 region(s)" in ok.stdout
     bad = tmp_path / "bad.toml"
-    bad.write_text('[tracking]\ninterval = "fast"\nmin_age = 0\n')
+    bad.write_text('[tracking]\ninterval = "fast"\nmin_age = 0\n[[region]]\nsize = "1GiB"\n')
     r = cli("check-config", str(bad))
     assert r.returncode == 2
     assert (f'{bad}: tracking.interval: must be a duration between 10ms and 1h '
@@ -90,6 +90,9 @@ def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(  # type: ignor
     d.send(signal.SIGHUP)
     d.wait_for(r"reload: .*tracking.interval: must be a duration", after=mark)
     d.wait_for(r"reload failed; keeping the running settings", after=mark)
+    # scrapes are cached for a second: wait until the failure is counted, then look
+    poll_until(lambda: value(d.scrape(), "vmm_tierd_config_reload_failures_total") == 1, 10,
+               "the failed reload counted")
     assert value(d.scrape(), "vmm_tierd_tracking_interval_seconds") == 2.0
 
     # a valid new interval (and a region change, which needs a restart)
@@ -99,7 +102,8 @@ def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(  # type: ignor
     d.send(signal.SIGHUP)
     d.wait_for(r"reloaded .*: interval 2s -> 50ms", after=mark)
     d.wait_for(r"reload: region changed: requires restart", after=mark)
-    m = d.scrape()
+    m = poll_until(lambda: (lambda s: s if value(s, "vmm_tierd_config_reloads_total") == 1
+                            else None)(d.scrape()), 10, "the reload counted")
     assert value(m, "vmm_tierd_tracking_interval_seconds") == 0.05
     assert value(m, "vmm_tierd_region_guest_bytes", region="vm0") == 16 << 20
     c0 = value(m, "vmm_tierd_cycles_total", region="vm0")
