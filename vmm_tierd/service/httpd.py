@@ -5,9 +5,10 @@ held 306 threads in the daemon, and 1,500 parallel scrapes ran the collectors 1,
 every thread taking the GIL from the fault path. This server is one thread with a
 ``selectors`` loop:
 
-- at most ``max_connections`` are open at once. When a new one arrives and all are taken,
-  the one that has waited longest for its request (a slow or idle client) is closed to
-  make room; if every open one is being answered, the new one gets ``503`` and is closed;
+- at most ``max_connections`` are open at once (each costs an fd and a buffer, no thread).
+  When a new one arrives and all are taken, the one that has waited longest for its
+  request is closed to make room, if it has waited more than ``idle_grace_s`` (a slow or
+  idle client); otherwise the new one gets ``503`` at once and is closed;
 - each connection has ``timeout_s`` in all to send its request (at most 8 KiB of request
   line and headers) and to take its answer;
 - the exposition is generated at most once per ``cache_s`` per format, so a flood of
@@ -58,10 +59,12 @@ class MetricsServer:
     """Serves ``registry`` on (host, port); port 0 picks a free one."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int, *,
-                 max_connections: int = 16, timeout_s: float = 10.0, cache_s: float = 1.0,
+                 max_connections: int = 128, timeout_s: float = 10.0, cache_s: float = 1.0,
+                 idle_grace_s: float = 1.0,
                  on_drop: Callable[[str], None] | None = None) -> None:
         self.registry = registry
         self.max_connections = max_connections
+        self.idle_grace_s = idle_grace_s
         self.timeout_s = timeout_s
         self.cache_s = cache_s
         self.on_drop = on_drop or (lambda reason: None)
@@ -177,7 +180,8 @@ class MetricsServer:
                 self._drop(c, "")
 
     def _make_room(self) -> bool:
-        waiting = [c for c in self._conns.values() if c.out is None]
+        old = time.monotonic() - self.idle_grace_s
+        waiting = [c for c in self._conns.values() if c.out is None and c.accepted < old]
         if not waiting:
             return False
         self._drop(min(waiting, key=lambda c: c.accepted), "evicted")

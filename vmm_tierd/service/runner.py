@@ -60,6 +60,10 @@ class Service:
             return 130
         finally:
             self.notifier.close()
+            # The exit status is decided. Python's finalisation resets the handlers it
+            # installed to SIG_DFL (but leaves SIG_IGN alone), so a late SIGHUP would end
+            # the process by signal instead of with this status.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     async def _main(self) -> int:
         self._token = trio.lowlevel.current_trio_token()
