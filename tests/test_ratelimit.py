@@ -29,7 +29,8 @@ class ListHandler(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def make(name: str, **kw: object) -> tuple[RateLimitedLog, ListHandler, Clock]:
+def make(name: str, burst: int = 5, interval_s: float = 60.0,
+         max_keys: int = 1024) -> tuple[RateLimitedLog, ListHandler, Clock]:
     logger = logging.getLogger(f"test.ratelimit.{name}")
     logger.handlers.clear()
     logger.propagate = False
@@ -37,7 +38,9 @@ def make(name: str, **kw: object) -> tuple[RateLimitedLog, ListHandler, Clock]:
     h = ListHandler()
     logger.addHandler(h)
     clock = Clock()
-    return RateLimitedLog(logger, clock=clock, **kw), h, clock  # type: ignore[arg-type]
+    rl = RateLimitedLog(logger, burst=burst, interval_s=interval_s, max_keys=max_keys,
+                        clock=clock)
+    return rl, h, clock
 
 
 SUMMARY = re.compile(r"\(suppressed (\d+) similar messages in \d+s\)$")

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from typing import cast
 from urllib.parse import urlsplit
 
 REQUEST = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
@@ -121,8 +122,7 @@ def parallel_scrapes(url: str, n: int = 1000, timeout_s: float = 30.0) -> Counte
     end = time.monotonic() + timeout_s
     while state and time.monotonic() < end:
         for key, mask in sel.select(0.5):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
+            s = cast(socket.socket, key.fileobj)
             buf = state[s]
             try:
                 if mask & selectors.EVENT_WRITE:

@@ -18,12 +18,13 @@ from vmm_tierd.service.capacity import (
 )
 from vmm_tierd.service.config import parse_settings
 from vmm_tierd.service.units import fmt_size
+from vmm_tierd.settings import Settings
 
 GiB, TiB = 1 << 30, 1 << 40
 SMALL = Machine(address_space_bytes=1 << 47, mem_total_bytes=24 * GiB, swap_total_bytes=0)
 
 
-def settings(regions: str, store: str = 'map_size = "8GiB"'):  # type: ignore[no-untyped-def]
+def settings(regions: str, store: str = 'map_size = "8GiB"') -> Settings:
     return parse_settings(tomllib.loads(f"[store]\n{store}\n{regions}"), "c.toml")
 
 

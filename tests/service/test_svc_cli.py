@@ -14,11 +14,10 @@ import pytest
 from vmm_tierd.cli import build_parser
 
 
-def cli(*args: str, env: dict[str, str] | None = None, **kw: object
-        ) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "vmm_tierd.cli", *args], capture_output=True,
-                          text=True, timeout=60, env=full, **kw)  # type: ignore[call-overload]
+                          text=True, timeout=60, env=full)
 
 
 def test_bare_command_prints_usage_and_starts_nothing(tmp_path: Path) -> None:

@@ -47,7 +47,8 @@ def test_embedded_default_is_the_documented_demo(monkeypatch: pytest.MonkeyPatch
     assert (r.size_bytes, r.memtype, r.workload.pattern, r.workload_enabled) == (
         1 << 30, MemType.ANON, Pattern.SHIFTING, True)
     assert s.daemon.backend == "auto"
-    assert parse_listen(s.daemon.metrics_listen)[0] == "127.0.0.1"  # type: ignore[index]
+    listen = parse_listen(s.daemon.metrics_listen)
+    assert listen is not None and listen[0] == "127.0.0.1"
     assert 1 <= s.tracking.interval_s <= 10
     assert s.store.path == tmp_path / "vmm-tierd" / "store"
 

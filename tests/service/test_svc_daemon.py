@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from svc_helpers import Daemon, poll_until, small_config, value
+from svc_helpers import Daemon, StartDaemon, poll_until, small_config, value
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,8 +43,8 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("memtype", ["anon", "memfd"])
-def test_run_fake_serves_metrics_and_stops_cleanly(  # type: ignore[no-untyped-def]
-        memtype: str, tmp_path: Path, start_daemon) -> None:
+def test_run_fake_serves_metrics_and_stops_cleanly(
+        memtype: str, tmp_path: Path, start_daemon: StartDaemon) -> None:
     d: Daemon = start_daemon(["--config", str(small_config(tmp_path, memtype=memtype)),
                               "--backend", "fake"])
     url = d.wait_ready()
@@ -76,8 +76,8 @@ def test_run_fake_serves_metrics_and_stops_cleanly(  # type: ignore[no-untyped-d
     assert "stopping (SIGTERM)" in d.output and d.lines[-1].endswith("stopped")
 
 
-def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(  # type: ignore[no-untyped-def]
-        tmp_path: Path, start_daemon) -> None:
+def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(
+        tmp_path: Path, start_daemon: StartDaemon) -> None:
     cfg = small_config(tmp_path, interval="2s")
     d: Daemon = start_daemon(["--config", str(cfg), "--backend", "fake"])
     d.wait_ready()
@@ -115,8 +115,8 @@ def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(  # type: ignor
     assert d.stop() == 0, d.output
 
 
-def test_sd_notify_ready_status_watchdog_reload_stopping(  # type: ignore[no-untyped-def]
-        tmp_path: Path, start_daemon) -> None:
+def test_sd_notify_ready_status_watchdog_reload_stopping(
+        tmp_path: Path, start_daemon: StartDaemon) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = tmp_path / "notify.sock"
     sock.bind(str(path))
@@ -155,7 +155,7 @@ def test_sd_notify_ready_status_watchdog_reload_stopping(  # type: ignore[no-unt
         sock.close()
 
 
-def test_real_prometheus_scrapes_the_daemon(tmp_path: Path, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_real_prometheus_scrapes_the_daemon(tmp_path: Path, start_daemon: StartDaemon) -> None:
     prom = shutil.which("prometheus")
     if prom is None:
         pytest.skip("prometheus missing (scripts/setup --test installs Debian's prometheus)")
@@ -183,7 +183,8 @@ def test_real_prometheus_scrapes_the_daemon(tmp_path: Path, start_daemon) -> Non
             except OSError:
                 return None
             assert body["status"] == "success", body
-            return body["data"]["result"] or None  # type: ignore[no-any-return]
+            result: list[dict[str, object]] = body["data"]["result"]
+            return result or None
 
         res = poll_until(lambda: query('vmm_tierd_region_guest_bytes{region="vm0"}'), 60,
                          "Prometheus has scraped vmm_tierd_region_guest_bytes", 0.5)
@@ -204,7 +205,7 @@ def test_real_prometheus_scrapes_the_daemon(tmp_path: Path, start_daemon) -> Non
     assert d.stop() == 0, d.output
 
 
-def test_readme_first_command_linux_default(tmp_path: Path, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_readme_first_command_linux_default(tmp_path: Path, start_daemon: StartDaemon) -> None:
     """`vmm-tierd run` with no config: the 1 GiB default on the real kernel; metrics answer
     on loopback within seconds; Ctrl-C (SIGINT) stops it cleanly."""
     args: list[str] = []
@@ -226,8 +227,8 @@ def test_readme_first_command_linux_default(tmp_path: Path, start_daemon) -> Non
     assert "stopping (SIGINT)" in d.output
 
 
-def test_records_of_a_killed_instance_are_reclaimed_at_the_next_start(  # type: ignore[no-untyped-def]
-        tmp_path: Path, start_daemon) -> None:
+def test_records_of_a_killed_instance_are_reclaimed_at_the_next_start(
+        tmp_path: Path, start_daemon: StartDaemon) -> None:
     cfg = str(small_config(tmp_path, interval="100ms"))
     d: Daemon = start_daemon(["--config", cfg, "--backend", "fake"])
     d.wait_ready()

@@ -16,17 +16,15 @@ from pathlib import Path
 
 import pytest
 from svc_floods import SlowLoris, parallel_scrapes, threads_of
-from svc_helpers import Daemon, Samples, poll_until, small_config, value
+from svc_helpers import Daemon, Samples, StartDaemon, poll_until, small_config, value
 
 LINUX = pytest.param("linux", marks=pytest.mark.skipif(
     not os.path.exists("/dev/userfaultfd") or os.geteuid() != 0,
     reason="the linux backend needs /dev/userfaultfd as root"))
 VERIFIED = re.compile(r"verify vm0: (\d+) pages: lost_writes 0, corrupt 0, poisoned 0: ok")
 
-Start = Callable[..., Daemon]
 
-
-def start(start_daemon: Start, tmp_path: Path, backend: str, **cfg: str) -> Daemon:
+def start(start_daemon: StartDaemon, tmp_path: Path, backend: str, **cfg: str) -> Daemon:
     d: Daemon = start_daemon(["--config", str(small_config(tmp_path, interval="100ms",
                                                             **cfg)),
                               "--backend", backend, "--verify"])
@@ -73,7 +71,7 @@ def sighups(d: Daemon, n: int, seconds: float) -> float:
 
 @pytest.mark.parametrize("backend", ["fake", LINUX])
 def test_a_sighup_burst_is_coalesced_and_the_guest_verifies(
-        backend: str, tmp_path: Path, start_daemon: Start) -> None:
+        backend: str, tmp_path: Path, start_daemon: StartDaemon) -> None:
     d = start(start_daemon, tmp_path, backend)
     took = sighups(d, 100, 1.0)
     poll_until(lambda: value(d.scrape(), "vmm_tierd_config_reloads_total") >= 1, 30,
@@ -86,7 +84,7 @@ def test_a_sighup_burst_is_coalesced_and_the_guest_verifies(
     assert "reload failed" not in d.output
 
 
-def test_sighups_during_the_stop_are_ignored(tmp_path: Path, start_daemon: Start) -> None:
+def test_sighups_during_the_stop_are_ignored(tmp_path: Path, start_daemon: StartDaemon) -> None:
     d = start(start_daemon, tmp_path, "fake")
     mark = len(d.lines)
     d.send(signal.SIGTERM)
@@ -110,7 +108,7 @@ def _catches_sighup(pid: int) -> bool:
 
 
 def test_a_sighup_during_start_up_is_applied_once_ready(tmp_path: Path,
-                                                        start_daemon: Start) -> None:
+                                                        start_daemon: StartDaemon) -> None:
     d: Daemon = start_daemon(["--config", str(small_config(tmp_path)), "--backend", "fake"])
     poll_until(lambda: _catches_sighup(d.proc.pid), 30, "the SIGHUP handler is installed")
     assert not any("ready:" in ln for ln in d.lines)
@@ -161,7 +159,7 @@ def _hostile(tmp_path: Path) -> list[tuple[str, Callable[[Path], None], str]]:
 
 @pytest.mark.parametrize("backend", ["fake", LINUX])
 def test_broken_reloads_keep_the_running_settings(backend: str, tmp_path: Path,
-                                                  start_daemon: Start) -> None:
+                                                  start_daemon: StartDaemon) -> None:
     d = start(start_daemon, tmp_path, backend)
     cfg = tmp_path / "vmm-tierd.toml"
     good = cfg.read_text()
@@ -193,7 +191,7 @@ def test_broken_reloads_keep_the_running_settings(backend: str, tmp_path: Path,
 
 @pytest.mark.parametrize("backend", ["fake", LINUX])
 def test_http_floods_leave_the_daemon_serving(backend: str, tmp_path: Path,
-                                              start_daemon: Start) -> None:
+                                              start_daemon: StartDaemon) -> None:
     d = start(start_daemon, tmp_path, backend)
     pid = d.proc.pid
     base = threads_of(pid)
