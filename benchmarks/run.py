@@ -27,6 +27,7 @@ BENCHMARKS: list[str] = [
     "bench_store:bench_policy",
     "bench_faults:bench_faults",
     "bench_cycle:bench_cycle",
+    "bench_metrics_flood:bench_metrics_flood",
 ]
 
 Figure = dict[str, Any]

@@ -168,3 +168,22 @@ def _complete(buf: bytearray) -> bool:
         if line.lower().startswith(b"content-length:"):
             return len(body) == int(line.split(b":")[1])
     return False
+
+
+def main() -> None:
+    """``python svc_floods.py URL SECONDS``: both floods until SECONDS have passed, then
+    one line of counts (for a flood in its own, possibly niced, process)."""
+    import sys
+
+    url, seconds = sys.argv[1], float(sys.argv[2])
+    tally: Counter[str] = Counter()
+    end = time.monotonic() + seconds
+    with SlowLoris(url, n=300, seconds=seconds):
+        while time.monotonic() < end:
+            tally.update(parallel_scrapes(url, n=1000, timeout_s=max(1.0, end -
+                                                                    time.monotonic())))
+    print(" ".join(f"{k}={v}" for k, v in sorted(tally.items())), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,11 @@ every thread taking the GIL from the fault path. This server is one thread with 
   When a new one arrives and all are taken, the one that has waited longest for its
   request is closed to make room, if it has waited more than ``idle_grace_s`` (a slow or
   idle client); otherwise the new one gets ``503`` at once and is closed;
+- at most ``max_accept_rate`` connections are taken per second (a token bucket with one
+  second of burst), answered or refused alike. Beyond that the server does not accept:
+  the kernel's listen backlog holds the next ones and drops what overflows, which costs
+  this process nothing. A flood can take the metrics endpoint, but not the GIL that the
+  fault path needs (each connection costs ~100 µs of Python);
 - each connection has ``timeout_s`` in all to send its request (at most 8 KiB of request
   line and headers) and to take its answer;
 - the exposition is generated at most once per ``cache_s`` per format, so a flood of
@@ -60,11 +65,15 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int, *,
                  max_connections: int = 128, timeout_s: float = 10.0, cache_s: float = 1.0,
-                 idle_grace_s: float = 1.0,
+                 idle_grace_s: float = 1.0, max_accept_rate: float = 200.0,
                  on_drop: Callable[[str], None] | None = None) -> None:
         self.registry = registry
         self.max_connections = max_connections
         self.idle_grace_s = idle_grace_s
+        self.max_accept_rate = max_accept_rate
+        self._tokens = max_accept_rate
+        self._refilled = time.monotonic()
+        self._listening = True
         self.timeout_s = timeout_s
         self.cache_s = cache_s
         self.on_drop = on_drop or (lambda reason: None)
@@ -77,7 +86,7 @@ class MetricsServer:
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._sock.bind(addr)
-            self._sock.listen(512)
+            self._sock.listen(128)
         except OSError:
             self._sock.close()
             raise
@@ -121,6 +130,8 @@ class MetricsServer:
         while not self._closed:
             now = time.monotonic()
             wait = min((c.deadline for c in self._conns.values()), default=now + 1.0) - now
+            if not self._refill(now):
+                wait = min(wait, 1.0 / self.max_accept_rate)
             try:
                 events = self._sel.select(max(0.0, min(wait, 1.0)))
             except OSError as e:  # pragma: no cover - select on valid fds does not fail
@@ -148,8 +159,25 @@ class MetricsServer:
             for c in [c for c in self._conns.values() if c.deadline <= now]:
                 self._drop(c, "timeout")
 
+    def _refill(self, now: float) -> bool:
+        """Top up the accept tokens; watch the listening socket only while there are
+        some. Returns whether accepting is on."""
+        self._tokens = min(self.max_accept_rate,
+                           self._tokens + (now - self._refilled) * self.max_accept_rate)
+        self._refilled = now
+        want = self._tokens >= 1
+        if want != self._listening:
+            if want:
+                self._sel.register(self._sock, selectors.EVENT_READ)
+            else:
+                self._sel.unregister(self._sock)
+            self._listening = want
+        return want
+
     def _accept(self) -> None:
         for _ in range(64):  # a batch; the rest waits in the backlog for the next round
+            if self._tokens < 1:
+                return
             try:
                 s, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -158,6 +186,7 @@ class MetricsServer:
                 self._errors.warning("accept", "metrics server: accept failed: %s", e)
                 self.on_drop("accept_failed")
                 return
+            self._tokens -= 1
             s.setblocking(False)
             if len(self._conns) >= self.max_connections and not self._make_room():
                 try:
