@@ -1,13 +1,19 @@
 # vmm-tierd in a container. Build: docker build -t vmm-tierd .
 #
-# Run (the embedded default: a 1 GiB guest region, metrics on the container's loopback):
-#   docker run --rm --device /dev/userfaultfd vmm-tierd
-# With a config and the metrics port published (set metrics_listen = "0.0.0.0:9187" in
-# the config so the port is reachable from outside the container's network namespace):
-#   docker run --rm --device /dev/userfaultfd -p 127.0.0.1:9187:9187 \
+# Run (the embedded default: a 1 GiB guest region; metrics published on the host's
+# loopback only):
+#   docker run --rm --device /dev/userfaultfd --stop-timeout 40 \
+#     -p 127.0.0.1:9187:9187 vmm-tierd
+# With a config (keep --metrics-listen: a CMD given to `docker run` replaces the image's):
+#   docker run --rm --device /dev/userfaultfd --stop-timeout 40 -p 127.0.0.1:9187:9187 \
 #     -v /etc/vmm-tierd/vm1.toml:/etc/vmm-tierd/vmm-tierd.toml:ro \
 #     -v vmm-tierd-state:/var/lib/vmm-tierd \
-#     vmm-tierd run --config /etc/vmm-tierd/vmm-tierd.toml
+#     vmm-tierd run --config /etc/vmm-tierd/vmm-tierd.toml --metrics-listen 0.0.0.0:9187
+#
+# Metrics: the image's command listens on 0.0.0.0:9187 on purpose. The container has its
+# own network namespace, so its loopback (the daemon's default) is unreachable from
+# outside and EXPOSE would do nothing; 0.0.0.0 inside it is reachable only through a
+# published port (-p), which the run lines above bind to the host's loopback.
 #
 # What userfaultfd needs:
 # - Linux >= 6.8 on the host (WP_ASYNC, UFFDIO_MOVE, POISON; 7.3+ adds RWP).
@@ -18,9 +24,13 @@
 #   also blocks that syscall. The device is the simple, precise way.
 # - --device /dev/kvm only when the guest regions back KVM guests.
 # - No --privileged, no SYS_PTRACE, no SYS_ADMIN with the device.
-# Guest memory lives in this process: `docker stop` sends SIGTERM and the daemon brings
-# every evicted page back before exiting (daemon.shutdown_deadline, default 10s); give
-# docker at least that long (--stop-timeout 30).
+#
+# Stopping: guest memory lives in this process. `docker stop` sends SIGTERM and the
+# daemon brings every evicted page back before exiting, within daemon.shutdown_deadline
+# (30s in the embedded default, 10s unless a config file sets it) plus 5s of grace before
+# it gives up. Docker's default 10s would SIGKILL it mid-restore: give it at least the
+# deadline plus the grace, --stop-timeout 40 for the embedded default (and for any config
+# whose shutdown_deadline is at most 35s).
 FROM python:3.11-slim
 
 # gcc and headers build the cffi extension (vmm_tierd._native) at install time
@@ -40,7 +50,8 @@ RUN pip install --no-cache-dir . \
 ENV XDG_STATE_HOME=/var/lib
 VOLUME /var/lib/vmm-tierd
 WORKDIR /
+# the metrics port, reachable only where `docker run -p` publishes it (see above)
 EXPOSE 9187
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["vmm-tierd"]
-CMD ["run"]
+CMD ["run", "--metrics-listen", "0.0.0.0:9187"]

@@ -78,12 +78,6 @@ int64_t vt_uffd_range(int fd, unsigned long req, uint64_t start, uint64_t len)
     return ioctl(fd, req, &a) < 0 ? -errno : 0;
 }
 
-long vt_ioctl_val(int fd, unsigned long req, unsigned long val)
-{
-    long r = ioctl(fd, req, val);
-    return RET(r);
-}
-
 /* /dev/userfaultfd (5.11+) works for unprivileged users under the device's
  * permissions; the syscall is the fallback where the device is absent. */
 int vt_uffd_new(unsigned long ioc_new, int flags)

@@ -44,7 +44,6 @@ int64_t vt_uffd_range_mode(int fd, unsigned long req, uint64_t start, uint64_t l
                            uint64_t mode);
 int64_t vt_uffd_range(int fd, unsigned long req, uint64_t start, uint64_t len);
 int64_t vt_last_done(void);
-long vt_ioctl_val(int fd, unsigned long req, unsigned long val);
 int vt_uffd_new(unsigned long ioc_new, int flags);
 int vt_close(int fd);
 int64_t vt_mmap(uint64_t addr, size_t len, int prot, int flags, int fd, int64_t off);

@@ -37,6 +37,7 @@ REQUIRED = {
     ("bench_store:bench_eviction", "put_batch MB/s sync=commit"): True,
     ("bench_store:bench_eviction", "disk bytes/page"): True,
     ("bench_store:bench_policy", "metadata bytes/page"): False,
+    ("bench_metrics_flood:bench_metrics_flood", "fault p99 flood"): True,
 }
 
 

@@ -1,7 +1,8 @@
-"""``vmm-tierd`` command line. Each subcommand lives in its own module and is imported
-only when used, so ``kernel-info`` never loads the engine and ``run`` never loads tests.
+"""The ``vmm-tierd`` command line.
 
-A subcommand module provides ``add_arguments(parser)`` and ``main(args) -> int``.
+Each subcommand lives in its own module and is imported only when used, so
+``kernel-info`` never loads the engine and ``run`` never loads tests. A subcommand module
+provides ``add_arguments(parser)`` and ``main(args) -> int``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+DESCRIPTION = ("Tiers the memory of virtual machines: tracks which guest pages are used with "
+               "userfaultfd, moves cold ones zstd-compressed into an LMDB store, and serves "
+               "them back on fault.")
+EPILOG = ("Start with 'vmm-tierd run' (the embedded demo: a 1 GiB guest region with a "
+          "built-in workload) or 'vmm-tierd run --config FILE'; see 'vmm-tierd COMMAND "
+          "--help'.")
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("vmm_tierd.service.main", "run the daemon (embedded default, or --config FILE)"),
@@ -21,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmm-tierd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vmm-tierd", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -31,9 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command is None:
-        args = build_parser().parse_args(["run", *(argv or [])])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        # first thing, before the imports: a SIGHUP from now on is held for the daemon
+        # instead of ending the process (SIGHUP's default action)
+        from .service.startup import hold_sighup
+
+        hold_sighup()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `vmm-tierd` does not start the demo daemon
+        parser.print_usage(sys.stderr)
+        print("vmm-tierd: error: a COMMAND is required (run, check-config, kernel-info, "
+              "selftest); 'vmm-tierd --help' explains them", file=sys.stderr)
+        return 2
     rc: int = importlib.import_module(args._module).main(args)
     return rc
 

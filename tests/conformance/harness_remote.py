@@ -25,7 +25,7 @@ from vmm_tierd.kernel.api import (
     Access,
     AccessKind,
     AccessStatus,
-    Kernel,
+    Backend,
     MemType,
     Region,
     ScanResult,
@@ -56,7 +56,7 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
-def start_target(backend: str, kernel: Kernel, ram_bytes: int) -> Target:
+def start_target(backend: str, kernel: Backend, ram_bytes: int) -> Target:
     if backend == "linux":
         try:
             from tests.remote.target import Target as LinuxTarget
@@ -79,7 +79,7 @@ class RemoteCtx(Ctx):
     this process's copy of the target's memfd. ``register``, ``scan_pages``, ``fill``,
     ``check``, ``fault_at`` and the rest of the harness work unchanged."""
 
-    def __init__(self, kernel: Kernel, backend: str, case: Case, granted: int,
+    def __init__(self, kernel: Backend, backend: str, case: Case, granted: int,
                  target: Target) -> None:
         super().__init__(kernel, backend, MemType.MEMFD, case, granted)
         self.target = target

@@ -156,7 +156,7 @@ class FlakyStore(PageStore):
 
     fails = 2
 
-    def put_batch(self, region: int, pages, data):  # type: ignore[no-untyped-def]
+    def put_batch(self, region: int, pages, data):
         if self.fails:
             self.fails -= 1
             raise StoreFullError("test: store full")

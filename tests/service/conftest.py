@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from svc_helpers import Daemon
+from svc_helpers import Daemon, StartDaemon
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def daemons() -> Iterator[list[Daemon]]:
 
 
 @pytest.fixture
-def start_daemon(daemons: list[Daemon]):  # type: ignore[no-untyped-def]
+def start_daemon(daemons: list[Daemon]) -> StartDaemon:
     def start(args: list[str], env: dict[str, str] | None = None,
               prefix: list[str] | None = None) -> Daemon:
         d = Daemon(args, env, prefix)

@@ -10,11 +10,21 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
+T = TypeVar("T")
+
+
+class StartDaemon(Protocol):
+    """The ``start_daemon`` fixture: a `vmm-tierd run ARGS` killed at teardown."""
+
+    def __call__(self, args: list[str], env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> Daemon: ...
 
 
 class Daemon:
@@ -96,10 +106,11 @@ def value(m: Samples, name: str, **labels: str) -> float:
     return vals[0]
 
 
-def poll_until(fn, timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
+def poll_until(fn: Callable[[], T | None], timeout: float, what: str,
+               interval: float = 0.1) -> T:
     """Call fn() until it returns something truthy; fail naming `what` after timeout."""
     end = time.monotonic() + timeout
-    last = None
+    last: T | None = None
     while time.monotonic() < end:
         last = fn()
         if last:

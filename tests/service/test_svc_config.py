@@ -10,9 +10,11 @@ import pytest
 
 from vmm_tierd.kernel.api import MemType, Pattern, WorkloadSpec
 from vmm_tierd.service.config import (
+    GUEST_MEMORY_TABLES,
     ConfigError,
     default_settings,
     default_store_path,
+    defines_guest_memory,
     load_settings,
     parse_listen,
     parse_settings,
@@ -45,7 +47,8 @@ def test_embedded_default_is_the_documented_demo(monkeypatch: pytest.MonkeyPatch
     assert (r.size_bytes, r.memtype, r.workload.pattern, r.workload_enabled) == (
         1 << 30, MemType.ANON, Pattern.SHIFTING, True)
     assert s.daemon.backend == "auto"
-    assert parse_listen(s.daemon.metrics_listen)[0] == "127.0.0.1"  # type: ignore[index]
+    listen = parse_listen(s.daemon.metrics_listen)
+    assert listen is not None and listen[0] == "127.0.0.1"
     assert 1 <= s.tracking.interval_s <= 10
     assert s.store.path == tmp_path / "vmm-tierd" / "store"
 
@@ -117,6 +120,8 @@ BAD = [
                          ids=[b[1] + ":" + b[3] for b in BAD])
 def test_each_error_names_file_key_and_what_is_allowed(text: str, key: str, allowed: str,
                                                        got: str, tmp_path: Path) -> None:
+    if "[[region]]" not in text:  # a file without guest memory is an error of its own
+        text += '[[region]]\nsize = "1GiB"\n'
     errs = errors_of(text, tmp_path)
     assert len(errs) == 1, errs
     prefix = f"{tmp_path / 'x.toml'}: {key}: "
@@ -207,3 +212,47 @@ def test_overrides_and_restart_required(tmp_path: Path) -> None:
 def test_fmt_size_rounds_into_the_next_unit() -> None:
     assert [fmt_size(n) for n in (0, 1023, 1024, 16384, (1 << 30) - 16384, 3 << 29)] == [
         "0 B", "1023 B", "1.0 KiB", "16.0 KiB", "1.0 GiB", "1.5 GiB"]
+
+
+def test_a_file_without_guest_memory_is_an_error_but_the_embedded_default_is_the_demo(
+        tmp_path: Path) -> None:
+    errs = errors_of('[tracking]\ninterval = "1s"\n', tmp_path)
+    assert errs == [f"{tmp_path / 'x.toml'}: no guest memory to tier: the file needs at least "
+                    "one [[region]] table (see configs/vmm-tierd.toml)"]
+    assert errors_of("", tmp_path)[0].endswith("(see configs/vmm-tierd.toml)")
+    # an empty array is the count error only, not both
+    assert errors_of("region = []\n", tmp_path) == [
+        f"{tmp_path / 'x.toml'}: region: must have between 1 and 64 entries, got 0"]
+    assert defines_guest_memory({"region": [{}]}) and not defines_guest_memory({"daemon": {}})
+    assert GUEST_MEMORY_TABLES == ("region",)
+    assert len(default_settings().regions) == 1
+
+
+@pytest.mark.parametrize("path", ["/", "/etc", "/usr/", "/var/lib", "/tmp/..", "/proc/self",
+                                  "/sys/kernel/x", "/dev/shm/store", "~"])
+def test_system_directories_are_refused_as_store_path(path: str, tmp_path: Path) -> None:
+    errs = errors_of(f'[store]\npath = "{path}"\n[[region]]\nsize = "1GiB"\n', tmp_path)
+    assert len(errs) == 1 and errs[0].startswith(f"{tmp_path / 'x.toml'}: store.path: must "), \
+        errs
+    with pytest.raises(ConfigError) as ei:
+        with_overrides(default_settings(), store_path=path)
+    assert ei.value.errors[0].startswith("--store: must "), ei.value.errors
+
+
+def test_a_symlink_to_a_system_directory_is_refused_too(tmp_path: Path) -> None:
+    (tmp_path / "innocent").symlink_to("/etc")
+    errs = errors_of(f'[store]\npath = "{tmp_path / "innocent"}"\n[[region]]\nsize = 4096\n',
+                     tmp_path)
+    assert len(errs) == 1 and '"/etc"' in errs[0], errs
+
+
+def test_empty_store_paths_are_refused(tmp_path: Path) -> None:
+    errs = errors_of('[store]\npath = ""\n[[region]]\nsize = "1GiB"\n', tmp_path)
+    assert len(errs) == 1 and errs[0].startswith(f"{tmp_path / 'x.toml'}: store.path: must be "
+                                                 "a directory path"), errs
+    with pytest.raises(ConfigError) as ei:
+        with_overrides(default_settings(), store_path="")
+    assert ei.value.errors == ['--store: must be a directory path, got "" (an empty path would '
+                               'put the store in the current directory)']
+    ok = with_overrides(default_settings(), store_path=str(tmp_path / "s"))
+    assert ok.store.path == tmp_path / "s"

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from svc_helpers import Daemon, poll_until, small_config, value
+from svc_helpers import Daemon, StartDaemon, poll_until, small_config, value
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     assert ": ok: 1 region(s)" in ok.stdout
     bad = tmp_path / "bad.toml"
-    bad.write_text('[tracking]\ninterval = "fast"\nmin_age = 0\n')
+    bad.write_text('[tracking]\ninterval = "fast"\nmin_age = 0\n[[region]]\nsize = "1GiB"\n')
     r = cli("check-config", str(bad))
     assert r.returncode == 2
     assert (f'{bad}: tracking.interval: must be a duration between 10ms and 1h '
@@ -43,8 +43,8 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("memtype", ["anon", "memfd"])
-def test_run_fake_serves_metrics_and_stops_cleanly(  # type: ignore[no-untyped-def]
-        memtype: str, tmp_path: Path, start_daemon) -> None:
+def test_run_fake_serves_metrics_and_stops_cleanly(
+        memtype: str, tmp_path: Path, start_daemon: StartDaemon) -> None:
     d: Daemon = start_daemon(["--config", str(small_config(tmp_path, memtype=memtype)),
                               "--backend", "fake"])
     url = d.wait_ready()
@@ -77,8 +77,8 @@ def test_run_fake_serves_metrics_and_stops_cleanly(  # type: ignore[no-untyped-d
     assert "stopping (SIGTERM)" in d.output and d.lines[-1].endswith("stopped")
 
 
-def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(  # type: ignore[no-untyped-def]
-        tmp_path: Path, start_daemon) -> None:
+def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(
+        tmp_path: Path, start_daemon: StartDaemon) -> None:
     cfg = small_config(tmp_path, interval="2s")
     d: Daemon = start_daemon(["--config", str(cfg), "--backend", "fake"])
     d.wait_ready()
@@ -91,6 +91,9 @@ def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(  # type: ignor
     d.send(signal.SIGHUP)
     d.wait_for(r"reload: .*tracking.interval: must be a duration", after=mark)
     d.wait_for(r"reload failed; keeping the running settings", after=mark)
+    # scrapes are cached for a second: wait until the failure is counted, then look
+    poll_until(lambda: value(d.scrape(), "vmm_tierd_config_reload_failures_total") == 1, 10,
+               "the failed reload counted")
     assert value(d.scrape(), "vmm_tierd_tracking_interval_seconds") == 2.0
 
     # a valid new interval (and a region change, which needs a restart)
@@ -100,7 +103,8 @@ def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(  # type: ignor
     d.send(signal.SIGHUP)
     d.wait_for(r"reloaded .*: interval 2s -> 50ms", after=mark)
     d.wait_for(r"reload: region changed: requires restart", after=mark)
-    m = d.scrape()
+    m = poll_until(lambda: (lambda s: s if value(s, "vmm_tierd_config_reloads_total") == 1
+                            else None)(d.scrape()), 10, "the reload counted")
     assert value(m, "vmm_tierd_tracking_interval_seconds") == 0.05
     assert value(m, "vmm_tierd_region_guest_bytes", region="vm0") == 16 << 20
     c0 = value(m, "vmm_tierd_cycles_total", region="vm0")
@@ -112,8 +116,8 @@ def test_sighup_applies_a_new_interval_and_rejects_a_broken_file(  # type: ignor
     assert d.stop() == 0, d.output
 
 
-def test_sd_notify_ready_status_watchdog_reload_stopping(  # type: ignore[no-untyped-def]
-        tmp_path: Path, start_daemon) -> None:
+def test_sd_notify_ready_status_watchdog_reload_stopping(
+        tmp_path: Path, start_daemon: StartDaemon) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = tmp_path / "notify.sock"
     sock.bind(str(path))
@@ -152,7 +156,7 @@ def test_sd_notify_ready_status_watchdog_reload_stopping(  # type: ignore[no-unt
         sock.close()
 
 
-def test_real_prometheus_scrapes_the_daemon(tmp_path: Path, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_real_prometheus_scrapes_the_daemon(tmp_path: Path, start_daemon: StartDaemon) -> None:
     prom = shutil.which("prometheus")
     if prom is None:
         pytest.skip("prometheus missing (scripts/setup --test installs Debian's prometheus)")
@@ -180,7 +184,8 @@ def test_real_prometheus_scrapes_the_daemon(tmp_path: Path, start_daemon) -> Non
             except OSError:
                 return None
             assert body["status"] == "success", body
-            return body["data"]["result"] or None  # type: ignore[no-any-return]
+            result: list[dict[str, object]] = body["data"]["result"]
+            return result or None
 
         res = poll_until(lambda: query('vmm_tierd_region_guest_bytes{region="vm0"}'), 60,
                          "Prometheus has scraped vmm_tierd_region_guest_bytes", 0.5)
@@ -201,7 +206,7 @@ def test_real_prometheus_scrapes_the_daemon(tmp_path: Path, start_daemon) -> Non
     assert d.stop() == 0, d.output
 
 
-def test_readme_first_command_linux_default(tmp_path: Path, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_readme_first_command_linux_default(tmp_path: Path, start_daemon: StartDaemon) -> None:
     """`vmm-tierd run` with no config: the 1 GiB default on the real kernel; metrics answer
     on loopback within seconds; Ctrl-C (SIGINT) stops it cleanly."""
     args: list[str] = []
@@ -223,8 +228,8 @@ def test_readme_first_command_linux_default(tmp_path: Path, start_daemon) -> Non
     assert "stopping (SIGINT)" in d.output
 
 
-def test_records_of_a_killed_instance_are_reclaimed_at_the_next_start(  # type: ignore[no-untyped-def]
-        tmp_path: Path, start_daemon) -> None:
+def test_records_of_a_killed_instance_are_reclaimed_at_the_next_start(
+        tmp_path: Path, start_daemon: StartDaemon) -> None:
     cfg = str(small_config(tmp_path, interval="100ms"))
     d: Daemon = start_daemon(["--config", cfg, "--backend", "fake"])
     d.wait_ready()

@@ -77,6 +77,7 @@ def test_scrape_over_http_parses_with_every_family() -> None:
     metrics.fault_served("g0", "store", 12e-6)
     metrics.fault_served("g0", "store", 30e-6)
     metrics.fault_served("g1", "zero", 3e-3)
+    metrics.fault_served("g1", "poison", 40e-6)
     metrics.evicted("g0", 100, 100 * 4096)
     metrics.refault("g0", 4)
     metrics.poisoned("g1", 1)
@@ -84,32 +85,43 @@ def test_scrape_over_http_parses_with_every_family() -> None:
     metrics.cycle("g0", {"scan": 0.002, "evict": 0.01}, 0.015)
     assert cycles_seen == ["g0"]
 
-    server = MetricsServer(registry, "127.0.0.1", 0)
+    server = MetricsServer(registry, "127.0.0.1", 0, cache_s=0)
     try:
         assert server.port != 0 and server.url == f"http://127.0.0.1:{server.port}/metrics"
         m = scrape(server.url)
-        interval[0] = 2.0  # a reload: visible at the next scrape
+        interval[0] = 2.0  # a reload: visible at the next scrape (no cache here)
         m2 = scrape(server.url)
     finally:
         server.close()
 
     assert one(m, "vmm_tierd_faults_total", region="g0", kind="store") == 2
     assert one(m, "vmm_tierd_faults_total", region="g1", kind="zero") == 1
+    assert one(m, "vmm_tierd_faults_total", region="g1", kind="poison") == 1
+    assert one(m, "vmm_tierd_faults_total", region="g0", kind="poison") == 0  # pre-created
+    # the daemon's own memory, from ProcessCollector on the injected registry
+    assert one(m, "process_resident_memory_bytes") > 0
+    assert one(m, "process_open_fds") > 0
+    assert one(m, "vmm_tierd_config_reload_failures_total") == 0
+    assert one(m, "vmm_tierd_metrics_http_dropped_connections_total", reason="busy") == 0
     for r in ("g0", "g1"):  # pre-created, so absent faults still read 0
         for kind in FAULT_KINDS:
             assert ("vmm_tierd_faults_total" in m and one(m, "vmm_tierd_faults_total",
                                                           region=r, kind=kind) >= 0)
     # microsecond buckets: 12 µs and 30 µs land below 35 µs, 3 ms does not
-    assert one(m, "vmm_tierd_fault_service_seconds_bucket", kind="store", le="3.5e-05") == 2
-    assert one(m, "vmm_tierd_fault_service_seconds_bucket", kind="store", le="1e-05") == 0
-    assert one(m, "vmm_tierd_fault_service_seconds_bucket", kind="zero", le="0.002") == 0
-    assert one(m, "vmm_tierd_fault_service_seconds_bucket", kind="zero", le="0.005") == 1
+    assert one(m, "vmm_tierd_fault_service_seconds_bucket", region="g0", kind="store",
+               le="3.5e-05") == 2
+    assert one(m, "vmm_tierd_fault_service_seconds_bucket", region="g0", kind="store",
+               le="1e-05") == 0
+    assert one(m, "vmm_tierd_fault_service_seconds_bucket", region="g1", kind="zero",
+               le="0.002") == 0
+    assert one(m, "vmm_tierd_fault_service_seconds_bucket", region="g1", kind="zero",
+               le="0.005") == 1
     assert one(m, "vmm_tierd_evictions_total", region="g0") == 100
     assert one(m, "vmm_tierd_refaults_total", region="g0") == 4
     assert one(m, "vmm_tierd_poisoned_pages_total", region="g1") == 1
     assert one(m, "vmm_tierd_errors_total", op="UFFDIO_COPY", errno="EAGAIN") == 1
     assert one(m, "vmm_tierd_cycle_seconds_count", region="g0") == 1
-    assert one(m, "vmm_tierd_cycle_phase_seconds_count", phase="scan") == 1
+    assert one(m, "vmm_tierd_cycle_phase_seconds_count", region="g0", phase="scan") == 1
     assert one(m, "vmm_tierd_region_guest_bytes", region="g1") == 64 << 20
     assert one(m, "vmm_tierd_region_resident_bytes", region="g0") == 48 << 20
     assert one(m, "vmm_tierd_region_working_set_bytes", region="g0") == 8 << 20
@@ -129,9 +141,51 @@ def test_scrape_over_http_parses_with_every_family() -> None:
     assert "version" in m["vmm_tierd_build_info"][0][0]
     assert one(m, "vmm_tierd_tracking_interval_seconds") == 0.5
     assert one(m2, "vmm_tierd_tracking_interval_seconds") == 2.0
-    # nothing went to the process-global registry
+    # nothing went to the process-global registry (ProcessCollector included)
     assert not [n for n in prometheus_client.REGISTRY._names_to_collectors
                 if n.startswith("vmm_tierd")]
+    assert metrics is not None
+
+
+def help_texts(url: str) -> dict[str, str]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {fam.name: fam.documentation for fam in text_string_to_metric_families(text)}
+
+
+def test_help_says_pages_and_lists_every_fault_kind() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry, ["g0"])
+    server = MetricsServer(registry, "127.0.0.1", 0)
+    try:
+        h = help_texts(server.url)
+    finally:
+        server.close()
+    assert "pages (not bytes)" in h["vmm_tierd_evictions"]
+    assert "pages (not bytes)" in h["vmm_tierd_refaults"]
+    assert all(kind in h["vmm_tierd_faults"] for kind in FAULT_KINDS)
+    assert "poison" in FAULT_KINDS
+
+
+def test_scrapes_within_cache_s_reuse_one_exposition() -> None:
+    registry = CollectorRegistry()
+    interval = [0.5]
+    registry.register(StateCollector(region_stats=list, store_stats=None,
+                                     interval=lambda: interval[0], capabilities=None,
+                                     strategy="wp"))
+    server = MetricsServer(registry, "127.0.0.1", 0, cache_s=3600)
+    try:
+        first = scrape(server.url)
+        interval[0] = 9.0
+        again = [scrape(server.url) for _ in range(20)]
+        assert server.generated == 1
+        assert all(one(m, "vmm_tierd_tracking_interval_seconds") == 0.5 for m in again)
+        assert one(first, "vmm_tierd_tracking_interval_seconds") == 0.5
+        server.cache_s = 0
+        assert one(scrape(server.url), "vmm_tierd_tracking_interval_seconds") == 9.0
+        assert server.generated == 2
+    finally:
+        server.close()
 
 
 def test_empty_store_ratio_is_nan_and_failing_sources_do_not_break_scrapes() -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from svc_helpers import StartDaemon
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -85,7 +86,8 @@ def _unit_syscall_filter() -> tuple[set[str], set[str]]:
     return expand(names), set(names)
 
 
-def test_daemon_syscalls_pass_the_units_seccomp_filter(tmp_path: Path, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_syscalls_pass_the_units_seccomp_filter(tmp_path: Path,
+                                                       start_daemon: StartDaemon) -> None:
     """Every syscall a real (linux backend, anon + memfd) daemon makes while tracking,
     evicting, serving faults and metrics, and stopping is allowed by SystemCallFilter=,
     and nothing asks for writable+executable memory (MemoryDenyWriteExecute=yes)."""

@@ -7,6 +7,7 @@ import json
 import sys
 
 from vmm_tierd.kernel import KernelError, open_kernel, uapi
+from vmm_tierd.service.access import describe, explain_open_failure, permission_hint
 
 BACKEND_CHOICES = ("linux", "fake", "fake-rwp", "fake-rfc")
 
@@ -26,13 +27,14 @@ def main(args: argparse.Namespace) -> int:
     try:
         kernel = open_kernel(args.backend)
     except (KernelError, OSError) as e:
-        print(f"vmm-tierd kernel-info: cannot open the {args.backend} backend: {e}",
+        print(f"vmm-tierd kernel-info: {explain_open_failure(args.backend, e)}",
               file=sys.stderr)
         return 1
     try:
         caps = kernel.capabilities()
     except KernelError as e:
-        print(f"vmm-tierd kernel-info: probing {args.backend} failed: {e}", file=sys.stderr)
+        print(f"vmm-tierd kernel-info: probing {args.backend} failed: {describe(e)}"
+              f"{permission_hint(e)}", file=sys.stderr)
         return 1
     finally:
         kernel.close()

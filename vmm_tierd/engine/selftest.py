@@ -64,18 +64,30 @@ class RecordingObserver:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # the same bounds and messages as the config file's keys (service/rules.py)
+    from ..service import rules
+
     p.add_argument("--backend", default="linux",
-                   choices=("fake", "fake-rwp", "fake-rfc", "linux"))
-    p.add_argument("--seconds", type=float, default=10.0)
+                   choices=("fake", "fake-rwp", "fake-rfc", "linux"),
+                   help="kernel backend (default: linux; fake = the in-process fake kernel)")
+    p.add_argument("--seconds", type=rules.arg_type(rules.SECONDS), default=10.0,
+                   metavar="N", help="how long the workload runs before the verification "
+                   "(a positive duration; default: 10)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--size-mib", type=int, default=64)
-    p.add_argument("--memtype", choices=("anon", "memfd"), default="anon")
-    p.add_argument("--store", type=Path, default=None,
+    p.add_argument("--size-mib", type=rules.arg_type(rules.SIZE_MIB), default=64,
+                   metavar="MIB", help="size of the guest region in MiB (default: 64)")
+    p.add_argument("--memtype", choices=("anon", "memfd"), default="anon",
+                   help="guest memory type, as region.memtype (default: anon)")
+    p.add_argument("--store", type=Path, default=None, metavar="DIR",
                    help="store directory (default: a temporary one, removed afterwards)")
-    p.add_argument("--interval", type=float, default=0.1, help="cycle interval, seconds")
+    p.add_argument("--interval", type=rules.arg_type(rules.INTERVAL), default=0.1,
+                   metavar="DURATION", help="tracking interval, as tracking.interval "
+                   "(10ms - 1h; default: 100ms)")
     p.add_argument("--strategy", choices=("rwp", "wp"), default=None,
                    help="force a strategy (default: what the kernel grants)")
-    p.add_argument("--threads", type=int, default=2, help="workload threads")
+    p.add_argument("--threads", type=rules.arg_type(rules.WORKLOAD_THREADS), default=2,
+                   metavar="N", help="workload threads, as region.workload.threads "
+                   "(1 - 64; default: 2)")
 
 
 def selftest_settings(args: argparse.Namespace, store_dir: Path) -> Settings:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from .api import Backend, Dialect, Kernel, KernelError
 
-BACKENDS = ("linux", "fake-rwp", "fake-rfc")
-
 
 def open_kernel(backend: str, **kwargs: object) -> Backend:
     """Open a backend by name: ``linux``, ``fake`` (= ``fake-rwp``), ``fake-rwp``, ``fake-rfc``."""
@@ -22,4 +20,4 @@ def open_kernel(backend: str, **kwargs: object) -> Backend:
                      f"fake-rwp, fake-rfc")
 
 
-__all__ = ["BACKENDS", "Backend", "Dialect", "Kernel", "KernelError", "open_kernel"]
+__all__ = ["Backend", "Dialect", "Kernel", "KernelError", "open_kernel"]

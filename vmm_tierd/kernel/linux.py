@@ -277,20 +277,14 @@ class LinuxKernel:
     # ---- guest side -------------------------------------------------------------------
     def start_access(self, addr: int, kind: AccessKind, length: int = 1,
                      data: bytes = b"") -> Access:
-        try:
-            from .linux_guest import start_access  # type: ignore[import-not-found,unused-ignore]
-        except ModuleNotFoundError as e:
-            raise NotImplementedError("linux guest accessors (linux_guest) missing") from e
-        result: Access = start_access(self, addr, kind, length, data)
-        return result
+        from .linux_guest import start_access
+
+        return start_access(self, addr, kind, length, data)
 
     def start_workload(self, region: Region, spec: WorkloadSpec) -> Workload:
-        try:
-            from .linux_guest import start_workload  # type: ignore[import-not-found,unused-ignore]
-        except ModuleNotFoundError as e:
-            raise NotImplementedError("linux guest workload (linux_guest) missing") from e
-        result: Workload = start_workload(self, region, spec)
-        return result
+        from .linux_guest import start_workload
+
+        return start_workload(self, region, spec)
 
     # ---- other processes ------------------------------------------------------------
     def open_process(self, pid: int) -> Process:

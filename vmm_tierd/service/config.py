@@ -8,40 +8,44 @@ The embedded default (``vmm_tierd/defaults/default.toml``) goes through the same
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..kernel.api import PAGE_SIZE, MemType, Pattern, WorkloadSpec
 from ..settings import DaemonSettings, RegionSettings, Settings, StoreSettings, TrackingSettings
-from .units import fmt_duration, fmt_size, parse_duration, parse_size
+from . import rules
+from .loader import ConfigError, parse_toml, read_config_text
+from .rules import MAX_REGIONS, show
 
 T = TypeVar("T")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 BACKEND_CHOICES = ("auto", "linux", "fake", "fake-rwp", "fake-rfc")
 SYNC_CHOICES = ("commit", "periodic", "none")
-MAX_REGIONS = 64
+# Array-of-tables that define guest memory to tier; a file needs at least one of them.
+# A new kind of guest memory adds its table here (and its parser to parse_settings).
+GUEST_MEMORY_TABLES: tuple[str, ...] = ("region",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d+)$")
+# Directories a store must never be (it is created 0700 and filled with LMDB files);
+# anything below the kernel's pseudo filesystems is refused too.
+SYSTEM_DIRS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+    "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp",
+    "/usr", "/usr/bin", "/usr/lib", "/usr/lib64", "/usr/libexec", "/usr/local",
+    "/usr/local/bin", "/usr/local/lib", "/usr/sbin", "/usr/share", "/var", "/var/cache",
+    "/var/lib", "/var/log", "/var/run", "/var/spool", "/var/tmp"})
+_PSEUDO_FS = ("/proc", "/sys", "/dev")
 
 
 # settings field -> TOML key, where they differ
 _TOML_KEYS = {"shutdown_deadline_s": "shutdown_deadline", "map_size_bytes": "map_size",
               "interval_s": "interval", "budget_bytes_per_s": "budget_bytes_per_sec",
               "resident_target_bytes": "resident_target"}
-
-
-class ConfigError(Exception):
-    """One or more config problems; ``errors`` holds each full line."""
-
-    def __init__(self, errors: Sequence[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = list(errors)
 
 
 def default_store_path(env: dict[str, str] | os._Environ[str] | None = None) -> Path:
@@ -63,13 +67,6 @@ def parse_listen(value: str) -> tuple[str, int] | None:
     return (m.group("v6") or m.group("host"), int(m.group("port")))
 
 
-def _show(value: object) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
 class _Table:
     """Reads one TOML table, recording an error per bad key and any unknown key."""
 
@@ -79,85 +76,32 @@ class _Table:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            self._err(where, f"must be a table, got {_show(data)}")
+            self._err(where, f"must be a table, got {show(data)}")
             data = {}
         self.data: dict[str, Any] = data
 
     def _err(self, key: str, msg: str) -> None:
         self.errors.append(f"{self.file}: {key}: {msg}")
 
-    def _get(self, key: str, default: T, allowed: str, conv: Callable[[Any], T]) -> T:
+    def get(self, key: str, default: T, rule: rules.Rule[T]) -> T:
         self.seen.add(key)
         if key not in self.data:
             return default
         raw = self.data[key]
         try:
-            return conv(raw)
+            return rule.conv(raw)
         except (ValueError, TypeError):
-            self._err(f"{self.where}.{key}", f"must be {allowed}, got {_show(raw)}")
+            self._err(f"{self.where}.{key}", rule.message(raw))
             return default
+
+    def error(self, key: str, msg: str) -> None:
+        self._err(f"{self.where}.{key}", msg)
 
     def require(self, key: str, allowed: str) -> bool:
         if key not in self.data:
             self._err(f"{self.where}.{key}", f"is required ({allowed})")
             return False
         return True
-
-    def duration(self, key: str, default: float, lo: float, hi: float) -> float:
-        def conv(v: object) -> float:
-            s = parse_duration(v)
-            if not lo <= s <= hi:
-                raise ValueError
-            return s
-        return self._get(key, default, f"a duration between {fmt_duration(lo)} and "
-                         f"{fmt_duration(hi)} (e.g. \"3s\", \"250ms\" or seconds)", conv)
-
-    def size(self, key: str, default: int, lo: int, hi: int, multiple: int = 1) -> int:
-        def conv(v: object) -> int:
-            n = parse_size(v)
-            if not lo <= n <= hi or n % multiple:
-                raise ValueError
-            return n
-        extra = f", a multiple of {multiple} bytes" if multiple > 1 else ""
-        return self._get(key, default, f"a size between {_fsize(lo)} and {_fsize(hi)}{extra} "
-                         f"(e.g. \"512MiB\", \"1GiB\" or bytes)", conv)
-
-    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
-        def conv(v: object) -> int:
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ValueError
-            return v
-        return self._get(key, default, f"an integer between {lo} and {hi}", conv)
-
-    def number(self, key: str, default: float, lo: float, hi: float) -> float:
-        def conv(v: object) -> float:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-                raise ValueError
-            return float(v)
-        return self._get(key, default, f"a number between {lo:g} and {hi:g}", conv)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        def conv(v: object) -> bool:
-            if not isinstance(v, bool):
-                raise ValueError
-            return v
-        return self._get(key, default, "true or false", conv)
-
-    def choice(self, key: str, default: str, choices: Sequence[str]) -> str:
-        def conv(v: object) -> str:
-            if v not in choices:
-                raise ValueError
-            return str(v)
-        return self._get(key, default, "one of " + ", ".join(_show(c) for c in choices), conv)
-
-    def string(self, key: str, default: str, allowed: str,
-               check: Callable[[str], object] = lambda s: None) -> str:
-        def conv(v: object) -> str:
-            if not isinstance(v, str):
-                raise ValueError
-            check(v)
-            return v
-        return self._get(key, default, allowed, conv)
 
     def table(self, key: str) -> _Table:
         self.seen.add(key)
@@ -168,13 +112,6 @@ class _Table:
             if key not in self.seen:
                 allowed = ", ".join(sorted(self.seen)) or "none"
                 self._err(f"{self.where}.{key}", f"unknown key (allowed: {allowed})")
-
-
-def _fsize(n: int) -> str:
-    for unit, mult in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= mult and n % mult == 0:
-            return f"{n // mult}{unit}"
-    return fmt_size(n) if n >= 1024 else f"{n}B"
 
 
 def _check_name(s: str) -> None:
@@ -194,31 +131,56 @@ def _check_listen(s: str) -> None:
 def _daemon(t: _Table) -> DaemonSettings:
     d = DaemonSettings()
     out = DaemonSettings(
-        log_level=t.choice("log_level", d.log_level, LOG_LEVELS),
-        metrics_listen=t.string(
-            "metrics_listen", d.metrics_listen,
-            "\"HOST:PORT\" (e.g. \"127.0.0.1:9187\", \"[::1]:9187\") or \"off\"", _check_listen),
-        backend=t.choice("backend", d.backend, BACKEND_CHOICES),
-        shutdown_deadline_s=t.duration("shutdown_deadline", d.shutdown_deadline_s, 0.1, 3600),
+        log_level=t.get("log_level", d.log_level, rules.choice(LOG_LEVELS)),
+        metrics_listen=t.get("metrics_listen", d.metrics_listen, rules.string(
+            "\"HOST:PORT\" (e.g. \"127.0.0.1:9187\", \"[::1]:9187\") or \"off\"",
+            _check_listen)),
+        backend=t.get("backend", d.backend, rules.choice(BACKEND_CHOICES)),
+        shutdown_deadline_s=t.get("shutdown_deadline", d.shutdown_deadline_s,
+                                  rules.SHUTDOWN_DEADLINE),
     )
     t.finish()
     return out
 
 
+def store_path_problem(path: Path) -> str | None:
+    """Why ``path`` must not be a store directory, or None. A store is created 0700 and
+    filled with LMDB files, so it must be a directory of its own: not ``/``, not a system
+    directory, not the home directory, nothing under /proc, /sys or /dev."""
+    candidates = {os.path.normpath(path)}
+    try:
+        candidates.add(os.path.realpath(path))
+    except (OSError, ValueError):
+        pass
+    home = os.path.expanduser("~")
+    for c in sorted(candidates):
+        if c in SYSTEM_DIRS or c == home:
+            return (f"must be a directory of its own, not the system directory {show(c)} "
+                    f"(the store is made 0700 and filled with LMDB files); use e.g. "
+                    f"\"/var/lib/vmm-tierd/store\"")
+        for fs in _PSEUDO_FS:
+            if c.startswith(fs + "/"):
+                return f"must not be under {fs} (a kernel pseudo filesystem), got {show(c)}"
+    return None
+
+
 def _store(t: _Table, base: Path | None) -> StoreSettings:
     d = StoreSettings()
-    path = t.string("path", "", "a directory path (absolute, ~/..., or relative to the config "
-                    "file)", _check_nonempty)
+    path = t.get("path", "", rules.string("a directory path (absolute, ~/..., or relative to "
+                                          "the config file)", _check_nonempty))
     if path:
         p = Path(path).expanduser()
         resolved = p if p.is_absolute() or base is None else base / p
+        problem = store_path_problem(resolved)
+        if problem:
+            t.error("path", problem)
     else:
         resolved = default_store_path()
     out = StoreSettings(
         path=resolved,
-        map_size_bytes=t.size("map_size", d.map_size_bytes, 1 << 20, 64 << 40, PAGE_SIZE),
-        zstd_level=t.integer("zstd_level", d.zstd_level, 1, 22),
-        sync=t.choice("sync", d.sync, SYNC_CHOICES),
+        map_size_bytes=t.get("map_size", d.map_size_bytes, rules.MAP_SIZE),
+        zstd_level=t.get("zstd_level", d.zstd_level, rules.integer(1, 22)),
+        sync=t.get("sync", d.sync, rules.choice(SYNC_CHOICES)),
     )
     t.finish()
     return out
@@ -227,15 +189,15 @@ def _store(t: _Table, base: Path | None) -> StoreSettings:
 def _tracking(t: _Table) -> TrackingSettings:
     d = TrackingSettings()
     out = TrackingSettings(
-        interval_s=t.duration("interval", d.interval_s, 0.01, 3600),
-        min_age=t.integer("min_age", d.min_age, 1, 250),
-        budget_pages=t.integer("budget_pages", d.budget_pages, 0, 1 << 40),
-        budget_bytes_per_s=float(t.size("budget_bytes_per_sec", int(d.budget_bytes_per_s),
-                                        0, 1 << 40)),
-        resident_target_bytes=t.size("resident_target", d.resident_target_bytes, 0, 64 << 40,
-                                     PAGE_SIZE),
-        refault_window=t.integer("refault_window", d.refault_window, 0, 250),
-        refault_hold=t.integer("refault_hold", d.refault_hold, 0, 250),
+        interval_s=t.get("interval", d.interval_s, rules.INTERVAL),
+        min_age=t.get("min_age", d.min_age, rules.integer(1, 250)),
+        budget_pages=t.get("budget_pages", d.budget_pages, rules.integer(0, 1 << 40)),
+        budget_bytes_per_s=float(t.get("budget_bytes_per_sec", int(d.budget_bytes_per_s),
+                                       rules.size(0, 1 << 40))),
+        resident_target_bytes=t.get("resident_target", d.resident_target_bytes,
+                                    rules.size(0, 64 << 40, PAGE_SIZE)),
+        refault_window=t.get("refault_window", d.refault_window, rules.integer(0, 250)),
+        refault_hold=t.get("refault_hold", d.refault_hold, rules.integer(0, 250)),
     )
     t.finish()
     return out
@@ -243,18 +205,20 @@ def _tracking(t: _Table) -> TrackingSettings:
 
 def _workload(t: _Table) -> tuple[WorkloadSpec, bool]:
     d = WorkloadSpec()
-    enabled = t.boolean("enabled", True)
+    fraction = rules.number(0.0, 1.0)
+    enabled = t.get("enabled", True, rules.boolean())
     spec = WorkloadSpec(
-        pattern=Pattern(t.choice("pattern", d.pattern.value, [p.value for p in Pattern])),
-        threads=t.integer("threads", d.threads, 1, 64),
-        hot_fraction=t.number("hot_fraction", d.hot_fraction, 0.0, 1.0),
-        write_fraction=t.number("write_fraction", d.write_fraction, 0.0, 1.0),
-        shift_period_s=t.duration("shift_period", d.shift_period_s, 0.1, 3600),
-        zipf_s=t.number("zipf_s", d.zipf_s, 0.01, 10.0),
-        touch_all_first=t.boolean("touch_all_first", d.touch_all_first),
-        zero_fraction=t.number("zero_fraction", d.zero_fraction, 0.0, 1.0),
-        ops_per_sec=t.number("ops_per_sec", d.ops_per_sec, 0.0, 1e9),
-        seed=t.integer("seed", d.seed, 0, (1 << 63) - 1),
+        pattern=Pattern(t.get("pattern", d.pattern.value,
+                              rules.choice([p.value for p in Pattern]))),
+        threads=t.get("threads", d.threads, rules.WORKLOAD_THREADS),
+        hot_fraction=t.get("hot_fraction", d.hot_fraction, fraction),
+        write_fraction=t.get("write_fraction", d.write_fraction, fraction),
+        shift_period_s=t.get("shift_period", d.shift_period_s, rules.duration(0.1, 3600)),
+        zipf_s=t.get("zipf_s", d.zipf_s, rules.number(0.01, 10.0)),
+        touch_all_first=t.get("touch_all_first", d.touch_all_first, rules.boolean()),
+        zero_fraction=t.get("zero_fraction", d.zero_fraction, fraction),
+        ops_per_sec=t.get("ops_per_sec", d.ops_per_sec, rules.number(0.0, 1e9)),
+        seed=t.get("seed", d.seed, rules.integer(0, (1 << 63) - 1)),
     )
     t.finish()
     return spec, enabled
@@ -262,31 +226,38 @@ def _workload(t: _Table) -> tuple[WorkloadSpec, bool]:
 
 def _regions(raw: object, file: str, errors: list[str]) -> tuple[RegionSettings, ...]:
     if raw is None:
-        return (RegionSettings(),)
+        return ()
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
-        errors.append(f"{file}: region: must be an array of tables ([[region]]), got {_show(raw)}")
-        return (RegionSettings(),)
+        errors.append(f"{file}: region: must be an array of tables ([[region]]), got {show(raw)}")
+        return ()
     if not 1 <= len(raw) <= MAX_REGIONS:
+        # and nothing more about them: 100,000 regions would be 100,000 checks and lines
         errors.append(f"{file}: region: must have between 1 and {MAX_REGIONS} entries, "
                       f"got {len(raw)}")
+        return ()
     regions: list[RegionSettings] = []
     names: dict[str, int] = {}
+    name_rule = rules.string("a name of 1-64 letters, digits, '_', '.', '-'", _check_name)
     for i, item in enumerate(raw):
         t = _Table(item, f"region[{i}]", errors, file)
-        name = t.string("name", f"guest{i}", "a name of 1-64 letters, digits, '_', '.', '-'",
-                        _check_name)
+        name = t.get("name", f"guest{i}", name_rule)
         if name in names:
-            errors.append(f"{file}: region[{i}].name: must be unique, {_show(name)} is also "
+            errors.append(f"{file}: region[{i}].name: must be unique, {show(name)} is also "
                           f"region[{names[name]}].name")
         names.setdefault(name, i)
         t.require("size", "a size such as \"1GiB\"")
-        size = t.size("size", 1 << 30, PAGE_SIZE, 16 << 40, PAGE_SIZE)
-        memtype = MemType(t.choice("memtype", "anon", [m.value for m in MemType]))
+        size = t.get("size", 1 << 30, rules.REGION_SIZE)
+        memtype = MemType(t.get("memtype", "anon", rules.choice([m.value for m in MemType])))
         spec, enabled = _workload(t.table("workload"))
         t.finish()
         regions.append(RegionSettings(name=name, size_bytes=size, memtype=memtype,
                                       workload=spec, workload_enabled=enabled))
-    return tuple(regions) or (RegionSettings(),)
+    return tuple(regions)
+
+
+def defines_guest_memory(doc: Mapping[str, Any]) -> bool:
+    """Does the file define any guest memory to tier (one of GUEST_MEMORY_TABLES)?"""
+    return any(t in doc for t in GUEST_MEMORY_TABLES)
 
 
 def parse_settings(doc: dict[str, Any], source: str, base: Path | None = None) -> Settings:
@@ -297,11 +268,16 @@ def parse_settings(doc: dict[str, Any], source: str, base: Path | None = None) -
     store = _store(_Table(doc.get("store"), "store", errors, source), base)
     tracking = _tracking(_Table(doc.get("tracking"), "tracking", errors, source))
     regions = _regions(doc.get("region"), source, errors)
-    top.seen.update(("daemon", "store", "tracking", "region"))
+    sections = ("daemon", "store", "tracking", *GUEST_MEMORY_TABLES)
+    top.seen.update(sections)
     for key in doc:
         if key not in top.seen:
-            errors.append(f"{source}: {key}: unknown section or key (allowed: daemon, store, "
-                          f"tracking, region)")
+            errors.append(f"{source}: {key}: unknown section or key (allowed: "
+                          f"{', '.join(sections)})")
+    if not defines_guest_memory(doc):
+        tables = " or ".join(f"[[{t}]]" for t in GUEST_MEMORY_TABLES)
+        errors.append(f"{source}: no guest memory to tier: the file needs at least one "
+                      f"{tables} table (see configs/vmm-tierd.toml)")
     if errors:
         raise ConfigError(errors)
     return Settings(daemon=daemon, store=store, tracking=tracking, regions=regions,
@@ -309,17 +285,17 @@ def parse_settings(doc: dict[str, Any], source: str, base: Path | None = None) -
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:
-    """Read and validate a config file. Raises ConfigError (also for unreadable files)."""
-    p = Path(path)
+    """Read and validate a config file: ConfigError for every problem, whatever it was
+    (unreadable, not a regular file, too large or too deep, invalid TOML or values)."""
+    name = os.fspath(path)
+    text = read_config_text(name)
+    doc = parse_toml(text, name)
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{p}: cannot read: {e}"]) from e
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{p}: invalid TOML: {e}"]) from e
-    return parse_settings(doc, str(p), p.resolve().parent)
+        return parse_settings(doc, name, Path(os.path.abspath(name)).parent)
+    except ConfigError:
+        raise
+    except Exception as e:  # a validator defect must not become the daemon's: say what it was
+        raise ConfigError([f"{name}: cannot validate: {type(e).__name__}: {e}"]) from e
 
 
 def default_settings() -> Settings:
@@ -337,17 +313,25 @@ def with_overrides(s: Settings, *, backend: str | None = None,
     if backend is not None:
         if backend not in BACKEND_CHOICES:
             errors.append(f"--backend: must be one of {', '.join(BACKEND_CHOICES)}, got "
-                          f"{_show(backend)}")
+                          f"{show(backend)}")
         daemon = dataclasses.replace(daemon, backend=backend)
     if metrics_listen is not None:
         try:
             parse_listen(metrics_listen)
         except ValueError:
             errors.append(f"--metrics-listen: must be \"HOST:PORT\" or \"off\", got "
-                          f"{_show(metrics_listen)}")
+                          f"{show(metrics_listen)}")
         daemon = dataclasses.replace(daemon, metrics_listen=metrics_listen)
     if store_path is not None:
-        store = dataclasses.replace(store, path=Path(store_path).expanduser().absolute())
+        if not store_path.strip():
+            errors.append("--store: must be a directory path, got \"\" (an empty path would "
+                          "put the store in the current directory)")
+        else:
+            path = Path(store_path).expanduser().absolute()
+            problem = store_path_problem(path)
+            if problem:
+                errors.append(f"--store: {problem}")
+            store = dataclasses.replace(store, path=path)
     if errors:
         raise ConfigError(errors)
     return dataclasses.replace(s, daemon=daemon, store=store)

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from . import rules
+from .capacity import check_capacity
 from .config import BACKEND_CHOICES, ConfigError, default_settings, load_settings, with_overrides
 
 
@@ -18,8 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="override daemon.metrics_listen (port 0 picks a free port; 'off')")
     p.add_argument("--store", metavar="DIR", help="override store.path")
-    p.add_argument("--seconds", type=float, metavar="N",
-                   help="stop (gracefully) N seconds after the daemon is ready")
+    p.add_argument("--seconds", type=rules.arg_type(rules.SECONDS), metavar="N",
+                   help="stop (gracefully) N seconds after the daemon is ready (a duration: "
+                        "seconds, or e.g. \"2m\")")
+    p.add_argument("--verify", action="store_true",
+                   help="when stopping, stop the built-in workloads and verify every page "
+                        "they wrote before bringing pages back (exit 1 if any is wrong)")
 
 
 def setup_logging(level: str) -> None:
@@ -40,11 +46,15 @@ def main(args: argparse.Namespace) -> int:
         for line in e.errors:
             print(line, file=sys.stderr)
         return 2
-    if args.seconds is not None and not args.seconds > 0:
-        print("--seconds: must be a positive number of seconds", file=sys.stderr)
+    cap = check_capacity(settings)
+    for line in cap.errors:
+        print(line, file=sys.stderr)
+    if cap.errors:
         return 2
     setup_logging(settings.daemon.log_level)
+    for w in cap.warnings:
+        logging.getLogger("vmm_tierd").warning("%s", w)
     from .runner import Service  # loads trio, the engine and the kernel only now
 
     return Service(settings, config_path=args.config, overrides=overrides,
-                   seconds=args.seconds).run()
+                   seconds=args.seconds, verify=args.verify).run()

@@ -12,21 +12,22 @@ import errno as _errno
 import logging
 import math
 import platform
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..kernel.api import PAGE_SIZE, Capabilities
+from .httpd import MetricsServer
 
 log = logging.getLogger(__name__)
 
 NS = "vmm_tierd"
-FAULT_KINDS = ("store", "zero", "staging", "wake", "rwp")
+FAULT_KINDS = ("store", "zero", "staging", "wake", "rwp", "poison")
+HTTP_DROP_REASONS = ("busy", "evicted", "timeout", "bad_request", "accept_failed")
 # fault service is ~10-30 µs when all is well; the tail is what matters
 FAULT_BUCKETS = (5e-6, 10e-6, 20e-6, 35e-6, 50e-6, 75e-6, 100e-6, 200e-6, 500e-6,
                  1e-3, 2e-3, 5e-3, 10e-3)
@@ -58,21 +59,25 @@ class StoreStatsLike(Protocol):
 
 
 class Metrics:
-    """The engine Observer: counters and histograms updated on the hot path."""
+    """The engine Observer: counters and histograms updated on the hot path, plus the
+    service's own counters (reloads, metrics connections) and the process metrics
+    (``process_resident_memory_bytes`` and the rest), all on the injected registry."""
 
     def __init__(self, registry: CollectorRegistry, regions: Sequence[str] = (),
                  on_cycle: Callable[[str, float], None] | None = None) -> None:
         self.on_cycle = on_cycle
+        ProcessCollector(registry=registry)
         self.faults = Counter(f"{NS}_faults", "Faults served, by region and kind "
-                              "(store, zero, staging, wake, rwp)", ["region", "kind"],
+                              f"({', '.join(FAULT_KINDS)})", ["region", "kind"],
                               registry=registry)
         self.fault_seconds = Histogram(f"{NS}_fault_service_seconds",
-                                       "Time from reading a fault to resolving it", ["kind"],
-                                       buckets=FAULT_BUCKETS, registry=registry)
-        self.evictions = Counter(f"{NS}_evictions", "Guest pages evicted to the store",
-                                 ["region"], registry=registry)
-        self.refaults = Counter(f"{NS}_refaults", "Evicted pages faulted back within "
-                                "tracking.refault_window intervals", ["region"],
+                                       "Time from reading a fault to resolving it",
+                                       ["region", "kind"], buckets=FAULT_BUCKETS,
+                                       registry=registry)
+        self.evictions = Counter(f"{NS}_evictions", "Guest pages (not bytes) evicted to the "
+                                 "store", ["region"], registry=registry)
+        self.refaults = Counter(f"{NS}_refaults", "Evicted guest pages (not bytes) faulted "
+                                "back within tracking.refault_window intervals", ["region"],
                                 registry=registry)
         self.discarded_pages = Counter(f"{NS}_guest_discarded_pages",
                                        "Pages the guest discarded (MADV_DONTNEED/REMOVE, "
@@ -87,8 +92,21 @@ class Metrics:
                                        "work (excluding the interval sleep)", ["region"],
                                        buckets=CYCLE_BUCKETS, registry=registry)
         self.phase_seconds = Histogram(f"{NS}_cycle_phase_seconds", "Duration of each phase "
-                                       "of a tracking cycle", ["phase"],
+                                       "of a tracking cycle", ["region", "phase"],
                                        buckets=CYCLE_BUCKETS, registry=registry)
+        self.reloads = Counter(f"{NS}_config_reloads", "SIGHUP reloads applied", [],
+                               registry=registry)
+        self.reload_failures = Counter(f"{NS}_config_reload_failures", "SIGHUP reloads that "
+                                       "failed (file unreadable, invalid or too slow to "
+                                       "read); the running settings stayed", [],
+                                       registry=registry)
+        self.http_dropped = Counter(f"{NS}_metrics_http_dropped_connections", "Metrics "
+                                    "connections refused or closed early, by reason (busy: "
+                                    "503, evicted: idle when the limit was reached, timeout, "
+                                    "bad_request, accept_failed)", ["reason"],
+                                    registry=registry)
+        for reason in HTTP_DROP_REASONS:
+            self.http_dropped.labels(reason)
         for r in regions:  # so every series exists from the first scrape
             for kind in FAULT_KINDS:
                 self.faults.labels(r, kind)
@@ -99,7 +117,7 @@ class Metrics:
     # -- Observer
     def fault_served(self, region: str, kind: str, latency_s: float) -> None:
         self.faults.labels(region, kind).inc()
-        self.fault_seconds.labels(kind).observe(latency_s)
+        self.fault_seconds.labels(region, kind).observe(latency_s)
 
     def evicted(self, region: str, pages: int, guest_bytes: int) -> None:
         self.evictions.labels(region).inc(pages)
@@ -119,7 +137,7 @@ class Metrics:
     def cycle(self, region: str, phase_seconds: dict[str, float], total_s: float) -> None:
         self.cycle_seconds.labels(region).observe(total_s)
         for phase, s in phase_seconds.items():
-            self.phase_seconds.labels(phase).observe(s)
+            self.phase_seconds.labels(region, phase).observe(s)
         if self.on_cycle is not None:
             self.on_cycle(region, total_s)
 
@@ -228,24 +246,4 @@ def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{NS}_{name}", help_text, value=float(value))
 
 
-class MetricsServer:
-    """prometheus_client's threaded HTTP server on (host, port); port 0 picks a free one."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        started: Any = start_http_server(port, host, registry=registry)
-        # prometheus-client >= 0.20 returns (server, thread)
-        self._httpd, self._thread = started if isinstance(started, tuple) else (None, None)
-        self.host = host
-        self.port = self._httpd.server_address[1] if self._httpd is not None else port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if isinstance(self._thread, threading.Thread):
-            self._thread.join(timeout=2)
+__all__ = ["FAULT_KINDS", "Metrics", "MetricsServer", "StateCollector"]

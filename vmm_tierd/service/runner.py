@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import sys
@@ -12,31 +11,44 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from ..kernel import open_kernel
+from ..ratelimit import RateLimitedLog
 from ..settings import Settings
-from .config import ConfigError, load_settings, parse_listen, restart_required, with_overrides
+from . import reload as reloading
+from .access import explain_open_failure
+from .config import ConfigError, parse_listen
 from .metrics import Metrics, MetricsServer, StateCollector
 from .sdnotify import Notifier
+from .startup import take_sighup
 from .units import fmt_duration, fmt_size
 
 log = logging.getLogger("vmm_tierd")
 cycle_log = logging.getLogger("vmm_tierd.cycle")
 STOP_GRACE_S = 5.0  # beyond shutdown_deadline, before we cancel the engine outright
+VERIFY_TIMEOUT_S = 300.0  # --verify: reading back every page of every region
 
 
 class Service:
     def __init__(self, settings: Settings, *, config_path: str | None,
                  overrides: dict[str, Any], seconds: float | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 verify: bool = False, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
         self.overrides = overrides
         self.seconds = seconds
+        self.verify = verify
         self.notifier = notifier or Notifier()
         self.engine: Any = None
         self.store: Any = None
+        self.metrics: Metrics | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stopping = False
         self._stop_event: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
+        self._reload_wanted = False
+        self._reload_event: trio.Event | None = None
+        self._loader = (reloading.ConfigLoader(config_path, overrides) if config_path
+                        else None)
+        self._hup_log = RateLimitedLog(log, burst=3, interval_s=60)
         self.exit_code = 0
 
     # ---- entry
@@ -48,6 +60,10 @@ class Service:
             return 130
         finally:
             self.notifier.close()
+            # The exit status is decided. Python's finalisation resets the handlers it
+            # installed to SIG_DFL (but leaves SIG_IGN alone), so a late SIGHUP would end
+            # the process by signal instead of with this status.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     async def _main(self) -> int:
         self._token = trio.lowlevel.current_trio_token()
@@ -57,9 +73,7 @@ class Service:
         try:
             kernel = open_kernel(backend)
         except OSError as e:
-            log.error("cannot open the %s kernel backend: %s (userfaultfd needs root, "
-                      "vm.unprivileged_userfaultfd=1, or rw access to /dev/userfaultfd)",
-                      backend, e)
+            log.error("%s", explain_open_failure(backend, e))
             return 1
         try:
             return await self._with_kernel(kernel)
@@ -85,6 +99,7 @@ class Service:
         try:
             registry = CollectorRegistry()
             metrics = Metrics(registry, [r.name for r in s.regions], on_cycle=self._cycle_seen)
+            self.metrics = metrics
             try:
                 engine = Engine(kernel, s, store=store, observer=metrics, guest_side=kernel)
             except (ValueError, RuntimeError) as e:
@@ -96,7 +111,7 @@ class Service:
                 interval=lambda: self.settings.tracking.interval_s, capabilities=caps,
                 strategy=engine.strategy.value, store_reclaimed=getattr(store, "reclaimed", 0)))
             try:
-                server = self._start_metrics(registry)
+                server = self._start_metrics(registry, metrics)
             except OSError as e:
                 log.error("cannot serve metrics on %s: %s", s.daemon.metrics_listen, e)
                 return 1
@@ -114,21 +129,25 @@ class Service:
             store.close()
         return self.exit_code
 
-    def _start_metrics(self, registry: CollectorRegistry) -> MetricsServer | None:
+    def _start_metrics(self, registry: CollectorRegistry,
+                       metrics: Metrics) -> MetricsServer | None:
         listen = parse_listen(self.settings.daemon.metrics_listen)
         if listen is None:
             print("vmm-tierd: metrics off", file=sys.stderr, flush=True)
             return None
-        server = MetricsServer(registry, *listen)
+        server = MetricsServer(registry, *listen,
+                               on_drop=lambda reason: metrics.http_dropped.labels(reason).inc())
         print(f"vmm-tierd: metrics at {server.url}", file=sys.stderr, flush=True)
         return server
 
     # ---- the trio part
     async def _serve(self, engine: Any) -> None:
+        self._reload_event = trio.Event()
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
                                            signal.SIGHUP) as sigs:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     scope = nursery.cancel_scope
                     nursery.start_soon(self._signals, sigs, scope)
                     nursery.start_soon(self._stop_guard, scope)
@@ -136,6 +155,12 @@ class Service:
                     self.notifier.ready(self._status_text())
                     log.info("ready: %d region(s) registered and serving",
                              len(self.settings.regions))
+                    if take_sighup():  # held by startup.hold_sighup before the loop ran
+                        self._reload_wanted = True
+                    if self._reload_wanted and not self._stopping:
+                        log.info("SIGHUP during start-up: reloading now that the daemon "
+                                 "is ready")
+                    nursery.start_soon(self._reloader)
                     if self.notifier.watchdog_s:
                         nursery.start_soon(self._watchdog, self.notifier.watchdog_s)
                     if self.seconds is not None:
@@ -143,6 +168,7 @@ class Service:
         except Exception as e:  # an ExceptionGroup from the nursery, too
             log.error("engine failed: %s", e, exc_info=e)
             self.exit_code = 1
+        self._hup_log.flush()
         log.info("stopped")
 
     async def _run_engine(self, engine: Any, scope: trio.CancelScope,
@@ -161,7 +187,7 @@ class Service:
         async for signum in sigs:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                self.reload()
+                self.request_reload()
             elif not self._stopping:
                 self.stop(name)
             else:
@@ -169,6 +195,28 @@ class Service:
                             "store records are reclaimed at the next start", name)
                 self.exit_code = 1
                 scope.cancel()
+
+    def request_reload(self) -> None:
+        """SIGHUP: one reload soon. Requests while one is pending or running merge into
+        one more; before ready they wait for it; while stopping they are ignored."""
+        if self._stopping:
+            self._hup_log.info("hup-stopping", "SIGHUP while stopping: ignored")
+            return
+        self._reload_wanted = True
+        if self._reload_event is not None:
+            self._reload_event.set()
+
+    async def _reloader(self) -> None:
+        assert self._reload_event is not None
+        while True:
+            if not self._reload_wanted:
+                await self._reload_event.wait()
+            self._reload_event = trio.Event()
+            self._reload_wanted = False
+            if self._stopping:
+                continue
+            await self.reload()
+            await trio.sleep(reloading.MIN_RELOAD_SPACING_S)  # a burst becomes one more
 
     async def _timer(self, seconds: float) -> None:
         await trio.sleep(seconds)
@@ -198,32 +246,73 @@ class Service:
                  fmt_duration(deadline))
         self.notifier.notify("STOPPING=1",
                              f"EXTEND_TIMEOUT_USEC={int((deadline + STOP_GRACE_S) * 1e6)}")
+        if self.verify and self._nursery is not None and self.engine is not None:
+            self._nursery.start_soon(self._verify_then_stop)
+        else:
+            self._stop_engine()
+
+    def _stop_engine(self) -> None:
         if self.engine is not None:
             self.engine.request_stop()
         if self._stop_event is not None:
             self._stop_event.set()
 
-    def reload(self) -> None:
-        if not self.config_path:
-            log.warning("SIGHUP: running the embedded default (no --config); nothing to reload")
+    async def _verify_then_stop(self) -> None:
+        """--verify: stop each built-in workload and read back every page it wrote, while
+        faults are still served; then the ordinary stop."""
+        try:
+            for runner in getattr(self.engine, "runners", []):
+                guest = runner.guest
+                workload = getattr(guest, "workload", None)  # the built-in demo's only
+                if workload is None:
+                    continue
+                await guest.stop()
+                report = None
+                with trio.move_on_after(VERIFY_TIMEOUT_S):
+                    report = await trio.to_thread.run_sync(workload.verify,
+                                                           abandon_on_cancel=True)
+                name = runner.name
+                if report is None:
+                    log.error("verify %s: not finished within %s", name,
+                              fmt_duration(VERIFY_TIMEOUT_S))
+                    self.exit_code = 1
+                    continue
+                ok = report.lost_writes == 0 and report.corrupt_pages == 0
+                (log.info if ok else log.error)(
+                    "verify %s: %d pages: lost_writes %d, corrupt %d, poisoned %d: %s",
+                    name, report.pages, report.lost_writes, report.corrupt_pages,
+                    report.poisoned_pages, "ok" if ok else f"FAILED (pages {report.bad[:10]})")
+                if not ok:
+                    self.exit_code = 1
+        finally:
+            self._stop_engine()
+
+    async def reload(self) -> None:
+        if self._loader is None:
+            self._hup_log.warning("hup-default", "SIGHUP: running the embedded default (no "
+                                  "--config); nothing to reload")
             return
         self.notifier.reloading()
         try:
-            new = with_overrides(load_settings(self.config_path), **self.overrides)
+            new = await self._loader.load()
         except ConfigError as e:
-            for line in e.errors:
+            for line in e.errors[:20]:
                 log.error("reload: %s", line)
+            if len(e.errors) > 20:
+                log.error("reload: ... and %d more errors", len(e.errors) - 20)
             log.error("reload failed; keeping the running settings")
+            if self.metrics is not None:
+                self.metrics.reload_failures.inc()
         else:
             old = self.settings
-            for key in restart_required(old, new):
+            self.settings, restart = reloading.apply(old, new)
+            for key in restart:
                 log.warning("reload: %s changed: requires restart (ignored until then)", key)
             if self.engine is not None:
                 self.engine.update_tracking(new.tracking)
             logging.getLogger().setLevel(new.daemon.log_level.upper())
-            self.settings = dataclasses.replace(
-                old, tracking=new.tracking,
-                daemon=dataclasses.replace(old.daemon, log_level=new.daemon.log_level))
+            if self.metrics is not None:
+                self.metrics.reloads.inc()
             log.info("reloaded %s: interval %s -> %s", self.config_path,
                      fmt_duration(old.tracking.interval_s),
                      fmt_duration(new.tracking.interval_s))

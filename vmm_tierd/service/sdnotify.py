@@ -61,9 +61,6 @@ class Notifier:
         now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         return self.notify("RELOADING=1", f"MONOTONIC_USEC={now_us}")
 
-    def stopping(self) -> bool:
-        return self.notify("STOPPING=1")
-
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

@@ -1,0 +1,29 @@
+"""store.sync has one default, the settings' ("none"): PageStore's own default ("commit")
+differs, so every PageStore the package opens must be given sync explicitly."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from vmm_tierd.service.config import default_settings
+from vmm_tierd.settings import StoreSettings
+
+PACKAGE = Path(__file__).resolve().parents[2] / "vmm_tierd"
+
+
+def test_every_page_store_in_the_package_is_opened_with_an_explicit_sync() -> None:
+    calls = []
+    for f in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "PageStore":
+                calls.append((f.relative_to(PACKAGE), node.lineno,
+                              {k.arg for k in node.keywords}))
+    assert calls, "no PageStore( call found: the test looks in the wrong place"
+    missing = [(str(f), line) for f, line, kws in calls if "sync" not in kws]
+    assert missing == []
+
+
+def test_the_settings_default_is_the_documented_one() -> None:
+    assert StoreSettings().sync == "none"
+    assert default_settings().store.sync == "none"
