@@ -19,6 +19,8 @@ EPILOG = ("Start with 'vmm-tierd run' (the embedded demo: a 1 GiB guest region w
           "--help'.")
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "attach": ("vmm_tierd.service.attach_cmd",
+               "tier a running VM from beside it (--pid PID, or [[vm]] in --config)"),
     "run": ("vmm_tierd.service.main", "run the daemon (embedded default, or --config FILE)"),
     "check-config": ("vmm_tierd.service.check", "validate a config file without running"),
     "kernel-info": ("vmm_tierd.commands.kernel_info",

@@ -41,12 +41,30 @@ class RegionSettings:
     workload_enabled: bool = True
 
 
+# memfd names VMMs give guest RAM: QEMU's memory-backend-memfd, Cloud Hypervisor,
+# Firecracker (memfd-backed builds)
+DEFAULT_MEMFD_NAMES = ("memory-backend-memfd*", "ch_ram*", "guest_mem*")
+
+
+@dataclass(frozen=True, slots=True)
+class VmSettings:
+    """A VM to tier from beside it (``[[vm]]``, or ``vmm-tierd attach --pid``)."""
+
+    name: str
+    pid: int | None = None  # exactly one of pid, pid_file
+    pid_file: Path | None = None  # e.g. libvirt's /run/libvirt/qemu/NAME.pid
+    memfd: tuple[str, ...] = DEFAULT_MEMFD_NAMES
+    inject_thread: str | None = None  # comm glob of the VMM thread to inject into
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
     log_level: str = "info"
     metrics_listen: str = "127.0.0.1:9187"
     backend: str = "auto"  # "auto" (linux), "linux", "fake", "fake-rwp", "fake-rfc"
     shutdown_deadline_s: float = 10.0
+    handoff_socket: Path | None = None  # VMMs that create their uffd send it here
+    handoff_uids: tuple[int, ...] = (0,)  # peers allowed on it (SO_PEERCRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +73,9 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     regions: tuple[RegionSettings, ...] = (RegionSettings(),)
+    vms: tuple[VmSettings, ...] = ()
     source: str = "<embedded default>"
 
 
 __all__ = ["DaemonSettings", "MemType", "Pattern", "RegionSettings", "Settings",
-           "StoreSettings", "TrackingSettings"]
+           "StoreSettings", "TrackingSettings", "VmSettings"]

@@ -14,13 +14,19 @@ from pathlib import Path
 import pytest
 import trio
 
-from vmm_tierd.attach.vm import VmSpec, VmTiering, vm_owner_alive
+from vmm_tierd.attach.vm import VmTiering, vm_owner_alive
 from vmm_tierd.engine.engine import Engine
 from vmm_tierd.engine.store import PageStore
 from vmm_tierd.kernel.api import Pattern, Strategy, WorkloadSpec
 from vmm_tierd.kernel.fake import FakeKernel
 from vmm_tierd.kernel.fake_proc import FakeVmm
-from vmm_tierd.settings import DaemonSettings, Settings, StoreSettings, TrackingSettings
+from vmm_tierd.settings import (
+    DaemonSettings,
+    Settings,
+    StoreSettings,
+    TrackingSettings,
+    VmSettings,
+)
 
 RAM = 4 << 20
 SPEC = WorkloadSpec(pattern=Pattern.SHIFTING, threads=1, hot_fraction=0.1,
@@ -56,7 +62,7 @@ async def daemon(k: FakeKernel, vmm: FakeVmm, store_dir: Path, *, strategy: Stra
     restore, no detach, the VMM keeps its uffd (kernel.crash closes our fds)."""
     store = PageStore(store_dir, sync="none", keep_owner=vm_owner_alive(k))
     engine = Engine(k, settings(store_dir), store=store, strategy=strategy)
-    vm = VmTiering(k, engine, store, VmSpec(name="vm1", pid=vmm.pid))
+    vm = VmTiering(k, engine, store, VmSettings(name="vm1", pid=vmm.pid))
     try:
         async with trio.open_nursery() as n:
             await n.start(engine.run)

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 
 from ..kernel.api import MemType, Owner, Region
 from ..kernel.process import Process, ProcFd, ProcMapping
+from ..settings import DEFAULT_MEMFD_NAMES
 
-# memfd names VMMs give guest RAM: QEMU's memory-backend-memfd, Cloud Hypervisor,
-# Firecracker (memfd-backed builds)
-DEFAULT_MEMFD_NAMES = ("memory-backend-memfd*", "ch_ram*", "guest_mem*")
 MIN_RAM_BYTES = 1 << 20
 
 HOW_TO = ("guest RAM must be a shared memfd. QEMU: -object memory-backend-memfd,id=ram,"

@@ -14,7 +14,6 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
@@ -24,19 +23,11 @@ from ..engine.store import PageStore
 from ..kernel.api import Kernel, KernelError, Owner, Region
 from ..kernel.process import Process
 from ..kernel.remote import RemoteSpace
-from .discover import DEFAULT_MEMFD_NAMES, find_guest_ram
+from ..settings import VmSettings
+from .discover import find_guest_ram
 from .guest import ProcessSpace, RemoteGuest
 
 log = logging.getLogger("vmm_tierd.attach")
-
-
-@dataclass(frozen=True, slots=True)
-class VmSpec:
-    name: str
-    pid: int | None = None
-    pid_file: Path | None = None
-    memfd: tuple[str, ...] = DEFAULT_MEMFD_NAMES
-    inject_thread: str | None = None  # comm glob of the thread to inject into
 
 
 def owner_tag(owner: Owner) -> str:
@@ -61,7 +52,7 @@ def vm_owner_alive(kernel: Kernel) -> Callable[[str], bool]:
     return keep
 
 
-def read_pid(spec: VmSpec) -> int:
+def read_pid(spec: VmSettings) -> int:
     if spec.pid is not None:
         return spec.pid
     assert spec.pid_file is not None
@@ -74,6 +65,15 @@ def read_pid(spec: VmSpec) -> int:
         raise LookupError(f"vm {spec.name}: pid file {spec.pid_file} holds {text[:40]!r}, "
                           "not a pid")
     return int(text)
+
+
+def holds_uffd(proc: Process, fd: int) -> bool:
+    """Does the VMM still hold a uffd (set up by UFFDIO_API) at ``fd``?"""
+    try:
+        return (any(f.fd == fd and f.is_uffd for f in proc.fds())
+                and proc.uffd_features(fd) is not None)
+    except KernelError:
+        return False
 
 
 @dataclass
@@ -98,13 +98,17 @@ class VmState:
 
 
 class VmTiering:
-    def __init__(self, kernel: Kernel, engine: Engine, store: PageStore, spec: VmSpec
-                 ) -> None:
+    """One VM. ``plan`` decides its regions and where each one's uffd comes from:
+    discovery of its RAM (``[[vm]]``, attach), the handoff message, or the store's
+    record of a VM a dead daemon was tiering (resume)."""
+
+    def __init__(self, kernel: Kernel, engine: Engine, store: PageStore, spec: VmSettings,
+                 *, proc: Process | None = None) -> None:
         self.k = kernel
         self.engine = engine
         self.store = store
         self.spec = spec
-        self.proc: Process | None = None
+        self.proc = proc
         self.remote: RemoteSpace | None = None
         self.runners: list[RegionRunner] = []
         self.exited = False
@@ -117,23 +121,19 @@ class VmTiering:
                   ) -> None:
         """Attach, report started, then run until the VMM exits or the engine stops."""
         spec = self.spec
-        proc = self.proc = self.k.open_process(read_pid(spec))
+        proc = self.proc = self.proc or self.k.open_process(read_pid(spec))
         try:
-            rams = find_guest_ram(proc, spec.memfd, self.k.page_size)
             remote = self.remote = RemoteSpace(proc, thread=spec.inject_thread)
             space = ProcessSpace(proc, remote)
             tag = owner_tag(proc.owner)
             prev = VmState.load(self.store.get_meta(self.meta_key))
-            before = {} if prev is None or prev.owner != tag else {
-                (r.get("addr"), r.get("length")): r for r in prev.regions}
+            if prev is not None and prev.owner != tag:
+                prev = None  # another VM under this name: its records are dead
             state = VmState(tag)
             try:
-                for i, ram in enumerate(rams):
-                    region = ram.region(self.k.page_size, proc.owner)
-                    guest = self._guest(space, region, f"{spec.name}/ram{i}",
-                                        before.get((region.addr, region.length)), tag)
+                for guest in self.plan(space, tag, prev):
                     self.runners.append(await self.engine.add(guest))
-                    state.regions.append({**region.to_dict(), "name": guest.name,
+                    state.regions.append({**guest.ram.to_dict(), "name": guest.name,
                                           "remote_fd": guest.remote_fd})
                     self.store.put_meta(self.meta_key, state.dump())
             except BaseException:
@@ -147,17 +147,25 @@ class VmTiering:
         finally:
             await self._finish(proc)
 
+    def plan(self, space: ProcessSpace, tag: str, prev: VmState | None) -> list[RemoteGuest]:
+        """Discover the VMM's guest RAM; take over the uffds a dead daemon left."""
+        before = {} if prev is None else {(r.get("addr"), r.get("length")): r
+                                          for r in prev.regions}
+        out = []
+        for i, ram in enumerate(find_guest_ram(space.proc, self.spec.memfd,
+                                               self.k.page_size)):
+            region = ram.region(self.k.page_size, space.proc.owner)
+            out.append(self._guest(space, region, f"{self.spec.name}/ram{i}",
+                                   before.get((region.addr, region.length)), tag))
+        return out
+
     def _guest(self, space: ProcessSpace, region: Region, name: str,
                prev: dict[str, object] | None, tag: str) -> RemoteGuest:
         proc = space.proc
         fd = prev.get("remote_fd") if prev else None
         takeover = False
         if isinstance(fd, int) and fd >= 0:
-            try:
-                takeover = (any(f.fd == fd and f.is_uffd for f in proc.fds())
-                            and proc.uffd_features(fd) is not None)
-            except KernelError:
-                takeover = False
+            takeover = holds_uffd(proc, fd)
             if not takeover:
                 log.warning("%s: the VMM no longer holds uffd fd %d; attaching afresh "
                             "(pages evicted before are lost if any)", name, fd)
@@ -199,3 +207,35 @@ class VmTiering:
                 except Exception as e:  # reclaimed at the next start
                     log.error("vm %s: deleting its store entry: %s", self.spec.name, e)
             proc.close()
+
+
+class ResumedVm(VmTiering):
+    """A VM only the store remembers (it came by handoff, no config names it): take each
+    region's uffd and memfd back by the VMM's fd numbers recorded then."""
+
+    def plan(self, space: ProcessSpace, tag: str, prev: VmState | None) -> list[RemoteGuest]:
+        if prev is None:
+            raise LookupError(f"vm {self.spec.name}: nothing to resume (no record of it, or "
+                              "its process is another one now)")
+        out = []
+        for r in prev.regions:
+            fd = r.get("remote_fd")
+            region = Region.from_dict(r)
+            if not isinstance(fd, int) or not holds_uffd(space.proc, fd) or region.owner_fd < 0:
+                raise LookupError(f"vm {self.spec.name}: the VMM no longer holds the uffd it "
+                                  f"handed over (fd {fd})")
+            out.append(RemoteGuest(self.k, space, region, vm=self.spec.name,
+                                   name=str(r.get("name")), source="takeover", remote_fd=fd,
+                                   store_owner=tag))
+        return out
+
+
+def remembered_vms(store: PageStore) -> list[tuple[str, VmState]]:
+    """Every VM the store has a record of (name, state)."""
+    out = []
+    for key in store.meta_keys("vm/"):
+        st = VmState.load(store.get_meta(key))
+        if st is not None:
+            out.append((key[len("vm/"):], st))
+    return out
+

@@ -251,6 +251,18 @@ class PageStore:
         self._write(f"put_meta({key!r})",
                     lambda txn, d: txn.put(b"user/" + key.encode(), value, db=self._meta))
 
+    def meta_keys(self, prefix: str = "") -> list[str]:
+        start = b"user/" + prefix.encode()
+        out = []
+        with self._env.begin() as txn:
+            cur = txn.cursor(db=self._meta)
+            if cur.set_range(start):
+                for k in cur.iternext(values=False):
+                    if not k.startswith(start):
+                        break
+                    out.append(bytes(k)[len(b"user/"):].decode())
+        return out
+
     def delete_meta(self, key: str) -> None:
         self._write(f"delete_meta({key!r})",
                     lambda txn, d: txn.delete(b"user/" + key.encode(), db=self._meta))

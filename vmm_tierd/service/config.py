@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..kernel.api import PAGE_SIZE, MemType, Pattern, WorkloadSpec
-from ..settings import DaemonSettings, RegionSettings, Settings, StoreSettings, TrackingSettings
+from ..settings import (
+    DEFAULT_MEMFD_NAMES,
+    DaemonSettings,
+    RegionSettings,
+    Settings,
+    StoreSettings,
+    TrackingSettings,
+    VmSettings,
+)
 from . import rules
 from .loader import ConfigError, parse_toml, read_config_text
 from .rules import MAX_REGIONS, show
@@ -28,7 +36,7 @@ BACKEND_CHOICES = ("auto", "linux", "fake", "fake-rwp", "fake-rfc")
 SYNC_CHOICES = ("commit", "periodic", "none")
 # Array-of-tables that define guest memory to tier; a file needs at least one of them.
 # A new kind of guest memory adds its table here (and its parser to parse_settings).
-GUEST_MEMORY_TABLES: tuple[str, ...] = ("region",)
+GUEST_MEMORY_TABLES: tuple[str, ...] = ("region", "vm")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d+)$")
 # Directories a store must never be (it is created 0700 and filled with LMDB files);
@@ -128,8 +136,10 @@ def _check_listen(s: str) -> None:
     parse_listen(s)
 
 
-def _daemon(t: _Table) -> DaemonSettings:
+def _daemon(t: _Table, base: Path | None = None) -> DaemonSettings:
     d = DaemonSettings()
+    uids: list[int] = t.get("handoff_uids", list(d.handoff_uids), rules.int_list(
+        0, (1 << 32) - 2, "uids allowed to hand a uffd over, e.g. [0, 107]"))
     out = DaemonSettings(
         log_level=t.get("log_level", d.log_level, rules.choice(LOG_LEVELS)),
         metrics_listen=t.get("metrics_listen", d.metrics_listen, rules.string(
@@ -138,9 +148,58 @@ def _daemon(t: _Table) -> DaemonSettings:
         backend=t.get("backend", d.backend, rules.choice(BACKEND_CHOICES)),
         shutdown_deadline_s=t.get("shutdown_deadline", d.shutdown_deadline_s,
                                   rules.SHUTDOWN_DEADLINE),
+        handoff_socket=_path_or_none(t.get("handoff_socket", "", rules.string(
+            "a path for the UNIX socket VMMs hand their uffd over on", lambda s: None)),
+            base),
+        handoff_uids=tuple(uids),
     )
     t.finish()
     return out
+
+
+def _path_or_none(s: str, base: Path | None) -> Path | None:
+    if not s:
+        return None
+    p = Path(s).expanduser()
+    return p if p.is_absolute() or base is None else base / p
+
+
+def _vms(raw: object, file: str, errors: list[str], base: Path | None
+         ) -> tuple[VmSettings, ...]:
+    """``[[vm]]``: VMs to tier from beside them (name; pid or pid_file; memfd; thread)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, dict) for v in raw):
+        errors.append(f"{file}: vm: must be an array of tables ([[vm]]), got {show(raw)}")
+        return ()
+    if not 1 <= len(raw) <= MAX_REGIONS:
+        errors.append(f"{file}: vm: must have between 1 and {MAX_REGIONS} entries, got "
+                      f"{len(raw)}")
+        return ()
+    out: list[VmSettings] = []
+    names: dict[str, int] = {}
+    name_rule = rules.string("a name of 1-64 letters, digits, '_', '.', '-'", _check_name)
+    for i, item in enumerate(raw):
+        t = _Table(item, f"vm[{i}]", errors, file)
+        t.require("name", "a name of 1-64 letters, digits, '_', '.', '-'")
+        name = t.get("name", f"vm{i}", name_rule)
+        if name in names:
+            errors.append(f"{file}: vm[{i}].name: must be unique, {show(name)} is also "
+                          f"vm[{names[name]}].name")
+        names.setdefault(name, i)
+        pid = t.get("pid", 0, rules.integer(1, (1 << 22)))
+        pid_file = _path_or_none(t.get("pid_file", "", rules.string(
+            "a path to the VMM's pid file", lambda s: None)), base)
+        if bool(pid) == bool(pid_file):
+            t.error("pid", "give exactly one of pid and pid_file (e.g. pid_file = "
+                           "\"/run/libvirt/qemu/NAME.pid\")")
+        memfd: list[str] = t.get("memfd", list(DEFAULT_MEMFD_NAMES), rules.string_list(
+            "memfd name globs of guest RAM, e.g. [\"memory-backend-memfd*\"]"))
+        thread = t.get("inject_thread", "", rules.string("a thread name glob", lambda s: None))
+        t.finish()
+        out.append(VmSettings(name=name, pid=pid or None, pid_file=pid_file, memfd=tuple(memfd),
+                              inject_thread=thread or None))
+    return tuple(out)
 
 
 def store_path_problem(path: Path) -> str | None:
@@ -260,38 +319,41 @@ def defines_guest_memory(doc: Mapping[str, Any]) -> bool:
     return any(t in doc for t in GUEST_MEMORY_TABLES)
 
 
-def parse_settings(doc: dict[str, Any], source: str, base: Path | None = None) -> Settings:
+def parse_settings(doc: dict[str, Any], source: str, base: Path | None = None, *,
+                   need_memory: bool = True) -> Settings:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     errors: list[str] = []
     top = _Table(doc, "", errors, source)
-    daemon = _daemon(_Table(doc.get("daemon"), "daemon", errors, source))
+    daemon = _daemon(_Table(doc.get("daemon"), "daemon", errors, source), base)
     store = _store(_Table(doc.get("store"), "store", errors, source), base)
     tracking = _tracking(_Table(doc.get("tracking"), "tracking", errors, source))
     regions = _regions(doc.get("region"), source, errors)
+    vms = _vms(doc.get("vm"), source, errors, base)
     sections = ("daemon", "store", "tracking", *GUEST_MEMORY_TABLES)
     top.seen.update(sections)
     for key in doc:
         if key not in top.seen:
             errors.append(f"{source}: {key}: unknown section or key (allowed: "
                           f"{', '.join(sections)})")
-    if not defines_guest_memory(doc):
+    if need_memory and not defines_guest_memory(doc) and daemon.handoff_socket is None:
         tables = " or ".join(f"[[{t}]]" for t in GUEST_MEMORY_TABLES)
         errors.append(f"{source}: no guest memory to tier: the file needs at least one "
-                      f"{tables} table (see configs/vmm-tierd.toml)")
+                      f"{tables} table or daemon.handoff_socket (see configs/vmm-tierd.toml)")
     if errors:
         raise ConfigError(errors)
     return Settings(daemon=daemon, store=store, tracking=tracking, regions=regions,
-                    source=source)
+                    vms=vms, source=source)
 
 
-def load_settings(path: str | os.PathLike[str]) -> Settings:
+def load_settings(path: str | os.PathLike[str], *, need_memory: bool = True) -> Settings:
     """Read and validate a config file: ConfigError for every problem, whatever it was
     (unreadable, not a regular file, too large or too deep, invalid TOML or values)."""
     name = os.fspath(path)
     text = read_config_text(name)
     doc = parse_toml(text, name)
     try:
-        return parse_settings(doc, name, Path(os.path.abspath(name)).parent)
+        return parse_settings(doc, name, Path(os.path.abspath(name)).parent,
+                              need_memory=need_memory)
     except ConfigError:
         raise
     except Exception as e:  # a validator defect must not become the daemon's: say what it was
@@ -348,4 +410,6 @@ def restart_required(old: Settings, new: Settings) -> list[str]:
                 changed.append(f"{section}.{_TOML_KEYS.get(f.name, f.name)}")
     if old.regions != new.regions:
         changed.append("region")
+    if old.vms != new.vms:
+        changed.append("vm")
     return changed

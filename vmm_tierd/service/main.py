@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from ..settings import Settings
 from . import rules
 from .capacity import check_capacity
 from .config import BACKEND_CHOICES, ConfigError, default_settings, load_settings, with_overrides
@@ -46,6 +47,12 @@ def main(args: argparse.Namespace) -> int:
         for line in e.errors:
             print(line, file=sys.stderr)
         return 2
+    return start(settings, args, overrides)
+
+
+def start(settings: Settings, args: argparse.Namespace, overrides: dict[str, str | None]
+          ) -> int:
+    """Capacity checks, logging, then the daemon (``run`` and ``attach`` share it)."""
     cap = check_capacity(settings)
     for line in cap.errors:
         print(line, file=sys.stderr)
@@ -57,4 +64,4 @@ def main(args: argparse.Namespace) -> int:
     from .runner import Service  # loads trio, the engine and the kernel only now
 
     return Service(settings, config_path=args.config, overrides=overrides,
-                   seconds=args.seconds, verify=args.verify).run()
+                   seconds=args.seconds, verify=getattr(args, "verify", False)).run()

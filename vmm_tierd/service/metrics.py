@@ -68,31 +68,31 @@ class Metrics:
         self.on_cycle = on_cycle
         ProcessCollector(registry=registry)
         self.faults = Counter(f"{NS}_faults", "Faults served, by region and kind "
-                              f"({', '.join(FAULT_KINDS)})", ["region", "kind"],
+                              f"({', '.join(FAULT_KINDS)})", ["vm", "region", "kind"],
                               registry=registry)
         self.fault_seconds = Histogram(f"{NS}_fault_service_seconds",
                                        "Time from reading a fault to resolving it",
-                                       ["region", "kind"], buckets=FAULT_BUCKETS,
+                                       ["vm", "region", "kind"], buckets=FAULT_BUCKETS,
                                        registry=registry)
         self.evictions = Counter(f"{NS}_evictions", "Guest pages (not bytes) evicted to the "
-                                 "store", ["region"], registry=registry)
+                                 "store", ["vm", "region"], registry=registry)
         self.refaults = Counter(f"{NS}_refaults", "Evicted guest pages (not bytes) faulted "
-                                "back within tracking.refault_window intervals", ["region"],
+                                "back within tracking.refault_window intervals", ["vm", "region"],
                                 registry=registry)
         self.discarded_pages = Counter(f"{NS}_guest_discarded_pages",
                                        "Pages the guest discarded (MADV_DONTNEED/REMOVE, "
                                        "munmap): new memory, their records dropped",
-                                       ["region"], registry=registry)
+                                       ["vm", "region"], registry=registry)
         self.poisoned_pages = Counter(f"{NS}_poisoned_pages", "Pages that could not be recovered "
                                 "and were poisoned (the guest sees a memory error)",
-                                ["region"], registry=registry)
+                                ["vm", "region"], registry=registry)
         self.errors = Counter(f"{NS}_errors", "Failed operations, by operation and errno",
                               ["op", "errno"], registry=registry)
         self.cycle_seconds = Histogram(f"{NS}_cycle_seconds", "Duration of a tracking cycle's "
-                                       "work (excluding the interval sleep)", ["region"],
+                                       "work (excluding the interval sleep)", ["vm", "region"],
                                        buckets=CYCLE_BUCKETS, registry=registry)
         self.phase_seconds = Histogram(f"{NS}_cycle_phase_seconds", "Duration of each phase "
-                                       "of a tracking cycle", ["region", "phase"],
+                                       "of a tracking cycle", ["vm", "region", "phase"],
                                        buckets=CYCLE_BUCKETS, registry=registry)
         self.reloads = Counter(f"{NS}_config_reloads", "SIGHUP reloads applied", [],
                                registry=registry)
@@ -108,36 +108,42 @@ class Metrics:
         for reason in HTTP_DROP_REASONS:
             self.http_dropped.labels(reason)
         for r in regions:  # so every series exists from the first scrape
-            for kind in FAULT_KINDS:
-                self.faults.labels(r, kind)
-            self.evictions.labels(r)
-            self.refaults.labels(r)
-            self.poisoned_pages.labels(r)
+            self.add_region(r)
+
+    def add_region(self, region: str) -> None:
+        v = vm_of(region)
+        for kind in FAULT_KINDS:
+            self.faults.labels(v, region, kind)
+        self.evictions.labels(v, region)
+        self.refaults.labels(v, region)
+        self.poisoned_pages.labels(v, region)
 
     # -- Observer
     def fault_served(self, region: str, kind: str, latency_s: float) -> None:
-        self.faults.labels(region, kind).inc()
-        self.fault_seconds.labels(region, kind).observe(latency_s)
+        v = vm_of(region)
+        self.faults.labels(v, region, kind).inc()
+        self.fault_seconds.labels(v, region, kind).observe(latency_s)
 
     def evicted(self, region: str, pages: int, guest_bytes: int) -> None:
-        self.evictions.labels(region).inc(pages)
+        self.evictions.labels(vm_of(region), region).inc(pages)
 
     def refault(self, region: str, pages: int) -> None:
-        self.refaults.labels(region).inc(pages)
+        self.refaults.labels(vm_of(region), region).inc(pages)
 
     def poisoned(self, region: str, pages: int) -> None:
-        self.poisoned_pages.labels(region).inc(pages)
+        self.poisoned_pages.labels(vm_of(region), region).inc(pages)
 
     def discarded(self, region: str, pages: int, dropped: int) -> None:
-        self.discarded_pages.labels(region).inc(pages)
+        self.discarded_pages.labels(vm_of(region), region).inc(pages)
 
     def error(self, op: str, errno: int) -> None:
         self.errors.labels(op, _errno.errorcode.get(errno, str(errno))).inc()
 
     def cycle(self, region: str, phase_seconds: dict[str, float], total_s: float) -> None:
-        self.cycle_seconds.labels(region).observe(total_s)
+        v = vm_of(region)
+        self.cycle_seconds.labels(v, region).observe(total_s)
         for phase, s in phase_seconds.items():
-            self.phase_seconds.labels(region, phase).observe(s)
+            self.phase_seconds.labels(v, region, phase).observe(s)
         if self.on_cycle is not None:
             self.on_cycle(region, total_s)
 
@@ -224,21 +230,28 @@ _REGION_GAUGES = (
 )
 
 
+def vm_of(region: str) -> str:
+    """The VM a region belongs to: regions of another process are named ``VM/ramN``;
+    memory of the daemon's own (the demo's) belongs to no VM ("")."""
+    return region.split("/", 1)[0] if "/" in region else ""
+
+
 def _region_families(regions: Sequence[RegionStatsLike]) -> Iterable[Any]:
     attrs = {"last_cycle_seconds": "last_cycle_s", "interval_seconds": "interval_s"}
     info = GaugeMetricFamily(f"{NS}_region_info", "Guest regions and their memory type",
-                             labels=["region", "memtype"])
+                             labels=["vm", "region", "memtype"])
     for r in regions:
-        info.add_metric([r.name, str(r.memtype)], 1)
+        info.add_metric([vm_of(r.name), r.name, str(r.memtype)], 1)
     yield info
     for name, help_text in _REGION_GAUGES:
-        fam = GaugeMetricFamily(f"{NS}_region_{name}", help_text, labels=["region"])
+        fam = GaugeMetricFamily(f"{NS}_region_{name}", help_text, labels=["vm", "region"])
         for r in regions:
-            fam.add_metric([r.name], float(getattr(r, attrs.get(name, name))))
+            fam.add_metric([vm_of(r.name), r.name], float(getattr(r, attrs.get(name, name))))
         yield fam
-    cycles = CounterMetricFamily(f"{NS}_cycles", "Tracking cycles completed", labels=["region"])
+    cycles = CounterMetricFamily(f"{NS}_cycles", "Tracking cycles completed",
+                                 labels=["vm", "region"])
     for r in regions:
-        cycles.add_metric([r.name], r.cycles)
+        cycles.add_metric([vm_of(r.name), r.name], r.cycles)
     yield cycles
 
 

@@ -37,7 +37,9 @@ class ConfigLoader:
     def _load(self) -> Settings:
         self._busy.set()
         try:
-            return with_overrides(load_settings(self.path), **self.overrides)
+            # the running daemon has its guest memory: a file of settings only is fine
+            return with_overrides(load_settings(self.path, need_memory=False),
+                                  **self.overrides)
         except ConfigError:
             raise
         except Exception as e:  # whatever it was, it is this file's reload that failed
@@ -61,6 +63,10 @@ class ConfigLoader:
 def apply(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
     """The running settings with what a reload may change (tracking.*, daemon.log_level),
     and the keys that changed but need a restart."""
+    # VMs given on the command line (attach --pid) are not in the file
+    cli_vms = tuple(v for v in old.vms if v.pid is not None
+                    and v.name not in {n.name for n in new.vms})
+    new = dataclasses.replace(new, vms=new.vms + cli_vms)
     merged = dataclasses.replace(
         old, tracking=new.tracking,
         daemon=dataclasses.replace(old.daemon, log_level=new.daemon.log_level))

@@ -125,6 +125,23 @@ def string(allowed: str, check: Callable[[str], object] = lambda s: None) -> Rul
     return Rule(allowed, conv)
 
 
+def string_list(allowed: str) -> Rule[list[str]]:
+    def conv(v: object) -> list[str]:
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            raise ValueError
+        return list(v)
+    return Rule(f"a non-empty list of strings ({allowed})", conv)
+
+
+def int_list(lo: int, hi: int, allowed: str) -> Rule[list[int]]:
+    def conv(v: object) -> list[int]:
+        if not isinstance(v, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v):
+            raise ValueError
+        return list(v)
+    return Rule(f"a list of integers between {lo} and {hi} ({allowed})", conv)
+
+
 # ---- the bounds that both the file and the options use
 MAX_REGIONS = 64
 REGION_SIZE = size(PAGE_SIZE, 16 << 40, PAGE_SIZE)

@@ -38,6 +38,7 @@ class Service:
         self.verify = verify
         self.notifier = notifier or Notifier()
         self.engine: Any = None
+        self.vms: Any = None
         self.store: Any = None
         self.metrics: Metrics | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -89,9 +90,14 @@ class Service:
         if caps.strategy is None:
             log.error("%s backend (%s): %s", caps.backend, caps.release, caps.reason)
             return 1
+        from ..attach.vm import vm_owner_alive
+
         try:
+            # Records of a VMM that still runs outlive the daemon that evicted them (its
+            # uffd waits in the VMM for this one to take over); every other one's go.
             store = PageStore(s.store.path, map_size=s.store.map_size_bytes,
-                              zstd_level=s.store.zstd_level, sync=s.store.sync)
+                              zstd_level=s.store.zstd_level, sync=s.store.sync,
+                              keep_owner=vm_owner_alive(kernel))
         except Exception as e:  # StoreError names the path and the reason
             log.error("store: %s", e)
             return 1
@@ -152,9 +158,12 @@ class Service:
                     nursery.start_soon(self._signals, sigs, scope)
                     nursery.start_soon(self._stop_guard, scope)
                     await nursery.start(self._run_engine, engine, scope)
+                    if self.settings.vms or self.settings.daemon.handoff_socket is not None \
+                            or self.store.meta_keys("vm/"):
+                        await nursery.start(self._run_vms, engine)
                     self.notifier.ready(self._status_text())
                     log.info("ready: %d region(s) registered and serving",
-                             len(self.settings.regions))
+                             len(engine.runners))
                     if take_sighup():  # held by startup.hold_sighup before the loop ran
                         self._reload_wanted = True
                     if self._reload_wanted and not self._stopping:
@@ -170,6 +179,22 @@ class Service:
             self.exit_code = 1
         self._hup_log.flush()
         log.info("stopped")
+
+    async def _run_vms(self, engine: Any,
+                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from .vms import VmSupervisor
+
+        sup = VmSupervisor(engine.kernel, engine, self.store, self.settings,
+                           on_idle=lambda: self.stop("nothing left to tier"))
+        self.vms = sup
+        async with trio.open_nursery() as n:
+            try:
+                await n.start(sup.run)
+            except Exception as e:  # the handoff socket can't be bound, ...
+                log.error("tiering VMs failed: %s", e)
+                self.exit_code = 1
+                self.stop("could not start tiering VMs")
+            task_status.started()
 
     async def _run_engine(self, engine: Any, scope: trio.CancelScope,
                           task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
