@@ -29,12 +29,12 @@ class StartDaemon(Protocol):
 
 class Daemon:
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, command: str = "run") -> None:
         full_env = {k: v for k, v in os.environ.items()
                     if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
                                  "JOURNAL_STREAM")}
         full_env.update(env or {})
-        cmd = [*(prefix or []), sys.executable, "-m", "vmm_tierd.cli", "run", *args]
+        cmd = [*(prefix or []), sys.executable, "-m", "vmm_tierd.cli", command, *args]
         self.proc = subprocess.Popen(cmd,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=full_env)

@@ -49,6 +49,18 @@ class RegionStatsLike(Protocol):
     last_cycle_s: float
 
 
+class VmStatsLike(Protocol):
+    """A VM tiered from beside it and the syscalls injected into its VMM."""
+
+    name: str
+    pid: int
+    inject_stops: int
+    inject_calls: int
+    inject_pause_total_s: float
+    inject_pause_max_s: float
+    inject_pause_last_s: float
+
+
 class StoreStatsLike(Protocol):
     records: int
     zero_records: int
@@ -154,7 +166,9 @@ class StateCollector(Collector):
     def __init__(self, *, region_stats: Callable[[], Sequence[RegionStatsLike]],
                  store_stats: Callable[[], StoreStatsLike] | None,
                  interval: Callable[[], float], capabilities: Capabilities | None,
-                 strategy: str, store_reclaimed: int = 0) -> None:
+                 strategy: str, store_reclaimed: int = 0,
+                 vm_stats: Callable[[], Sequence[VmStatsLike]] | None = None) -> None:
+        self.vm_stats = vm_stats
         self.region_stats = region_stats
         self.store_stats = store_stats
         self.interval = interval
@@ -175,6 +189,13 @@ class StateCollector(Collector):
             log.exception("region_stats() failed during a scrape")
             regions = []
         yield from _region_families(regions)
+        if self.vm_stats is not None:
+            try:
+                vms = list(self.vm_stats())
+            except Exception:
+                log.exception("vm stats failed during a scrape")
+                vms = []
+            yield from _vm_families(vms)
         if self.store_stats is not None:
             try:
                 st = self.store_stats()
@@ -253,6 +274,31 @@ def _region_families(regions: Sequence[RegionStatsLike]) -> Iterable[Any]:
     for r in regions:
         cycles.add_metric([vm_of(r.name), r.name], r.cycles)
     yield cycles
+
+
+def _vm_families(vms: Sequence[VmStatsLike]) -> Iterable[Any]:
+    info = GaugeMetricFamily(f"{NS}_vm_info", "VMs tiered from beside them, with the pid of "
+                             "their VMM", labels=["vm", "pid"])
+    for v in vms:
+        info.add_metric([v.name, str(v.pid)], 1)
+    yield info
+    stops = CounterMetricFamily(f"{NS}_vm_inject_stops", "Times a VMM thread was stopped to "
+                                "run injected syscalls (ptrace)", labels=["vm"])
+    calls = CounterMetricFamily(f"{NS}_vm_inject_calls", "Syscalls injected into the VMM",
+                                labels=["vm"])
+    total = CounterMetricFamily(f"{NS}_vm_inject_pause_seconds", "Time the injected-into "
+                                "VMM thread was kept stopped, in all", labels=["vm"])
+    worst = GaugeMetricFamily(f"{NS}_vm_inject_pause_max_seconds", "Longest single stop of "
+                              "the VMM thread so far", labels=["vm"])
+    last = GaugeMetricFamily(f"{NS}_vm_inject_pause_last_seconds", "The last stop of the VMM "
+                             "thread", labels=["vm"])
+    for v in vms:
+        stops.add_metric([v.name], v.inject_stops)
+        calls.add_metric([v.name], v.inject_calls)
+        total.add_metric([v.name], v.inject_pause_total_s)
+        worst.add_metric([v.name], v.inject_pause_max_s)
+        last.add_metric([v.name], v.inject_pause_last_s)
+    yield from (stops, calls, total, worst, last)
 
 
 def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:

@@ -115,7 +115,8 @@ class Service:
             registry.register(StateCollector(
                 region_stats=self._region_stats, store_stats=store.stats,
                 interval=lambda: self.settings.tracking.interval_s, capabilities=caps,
-                strategy=engine.strategy.value, store_reclaimed=getattr(store, "reclaimed", 0)))
+                strategy=engine.strategy.value, store_reclaimed=getattr(store, "reclaimed", 0),
+                vm_stats=lambda: self.vms.stats() if self.vms is not None else []))
             try:
                 server = self._start_metrics(registry, metrics)
             except OSError as e:
@@ -185,7 +186,7 @@ class Service:
         from .vms import VmSupervisor
 
         sup = VmSupervisor(engine.kernel, engine, self.store, self.settings,
-                           on_idle=lambda: self.stop("nothing left to tier"))
+                           on_idle=self._idle)
         self.vms = sup
         async with trio.open_nursery() as n:
             try:
@@ -195,6 +196,11 @@ class Service:
                 self.exit_code = 1
                 self.stop("could not start tiering VMs")
             task_status.started()
+
+    def _idle(self, failed: bool) -> None:
+        if failed:
+            self.exit_code = 1  # the VM asked for could not be tiered (logged why)
+        self.stop("nothing left to tier")
 
     async def _run_engine(self, engine: Any, scope: trio.CancelScope,
                           task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -33,14 +34,25 @@ ATTACH_ERRORS = (KernelError, DiscoveryError, LookupError, HandoffError, OSError
                  RuntimeError, ValueError)
 
 
+@dataclass(frozen=True, slots=True)
+class VmStats:
+    name: str
+    pid: int
+    inject_stops: int
+    inject_calls: int
+    inject_pause_total_s: float
+    inject_pause_max_s: float
+    inject_pause_last_s: float
+
+
 class VmSupervisor:
     def __init__(self, kernel: Kernel, engine: Engine, store: PageStore, settings: Settings,
-                 *, on_idle: Callable[[], None]) -> None:
+                 *, on_idle: Callable[[bool], None]) -> None:
         self.k = kernel
         self.engine = engine
         self.store = store
         self.settings = settings
-        self.on_idle = on_idle  # nothing left to tier
+        self.on_idle = on_idle  # nothing left to tier (True: some VM could not be attached)
         self.log = RateLimitedLog(log, burst=3, interval_s=300)
         self.attached: dict[str, VmTiering] = {}
         self.failed: dict[str, str] = {}  # vm name -> why it could not be attached
@@ -67,6 +79,17 @@ class VmSupervisor:
             task_status.started()
             n.start_soon(self._idle_watch)
 
+    def stats(self) -> list[VmStats]:
+        out = []
+        vms = list(self.attached.values()) + (self.handoff.vms if self.handoff else [])
+        for vm in vms:
+            if vm.proc is None or vm.exited or vm.remote is None:
+                continue
+            st = vm.remote.stats
+            out.append(VmStats(vm.spec.name, vm.proc.pid, st.stops, st.calls, st.total_s,
+                               st.max_s, st.last_s))
+        return out
+
     @property
     def lasting(self) -> bool:
         """Could more guest memory arrive later (so idling is not the end)?"""
@@ -79,7 +102,7 @@ class VmSupervisor:
             await trio.sleep(PID_FILE_POLL_S)
             if not self.lasting and not self.engine.runners and not self.engine.stopping:
                 log.info("no VM left to tier: stopping")
-                self.on_idle()
+                self.on_idle(bool(self.failed))
                 return
 
     async def _resume(self, n: trio.Nursery, name: str, owner: str) -> None:
