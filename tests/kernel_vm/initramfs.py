@@ -44,6 +44,8 @@ def init_script(plan: GuestPlan) -> str:
 fail() {{ echo "guest setup failed: $1"; {say("SETUP-FAILED")}; poweroff -f; sleep 30; }}
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 {say("INIT")}
+# loopback, for tests that talk to a daemon's metrics or sockets (no network otherwise)
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up || echo "loopback: not up"
 echo "uname -r: $(uname -r)"
 echo "/proc/version: $(cat /proc/version)"
 echo "cpus: $(nproc)  $(grep MemTotal /proc/meminfo)"

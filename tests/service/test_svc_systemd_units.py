@@ -54,7 +54,7 @@ def test_units_are_notify_with_watchdog_reload_and_device_access(name: str) -> N
         assert needed in lines, needed
     assert any(ln.startswith("WatchdogSec=") for ln in lines)
     if "@" in name:
-        assert "ExecStart=/usr/local/bin/vmm-tierd run --config /etc/vmm-tierd/%i.toml" in lines
+        assert "ExecStart=/usr/local/bin/vmm-tierd attach --config /etc/vmm-tierd/%i.toml" in lines
         assert "StateDirectory=vmm-tierd/%i" in lines
 
 
@@ -122,3 +122,39 @@ def test_daemon_syscalls_pass_the_units_seccomp_filter(tmp_path: Path,
     assert {"ioctl", "userfaultfd"} & seen and "memfd_create" in seen, sorted(seen)
     assert not sorted(seen - allowed - {"exit", "exit_group", "execve", "resumed"})
     assert not wx, wx[:5]
+
+
+def test_attach_syscalls_pass_the_units_seccomp_filter(tmp_path: Path) -> None:
+    """The same for ``vmm-tierd attach`` on a stand-in VMM (the test target): injected
+    syscalls (ptrace), pidfd_getfd and process_vm_writev included."""
+    import re
+
+    from svc_helpers import Daemon
+
+    from tests.attach.daemon import write_config
+    from tests.remote.target import Target
+
+    if shutil.which("strace") is None or shutil.which("systemd-analyze") is None:
+        pytest.skip("strace or systemd-analyze missing (scripts/setup --test installs both)")
+    allowed, _ = _unit_syscall_filter()
+    trace = tmp_path / "trace.txt"
+    t = Target.start(16 << 20)
+    try:
+        cfg = write_config(tmp_path, interval="200ms")
+        d = Daemon(["--metrics-listen", "127.0.0.1:0", "--pid", str(t.pid), "--config",
+                    str(cfg), "--store", str(tmp_path / "store"), "--seconds", "4"],
+                   prefix=["strace", "-f", "-qq", "-o", str(trace)], command="attach")
+        d.wait_ready(timeout=120)
+        d.wait_for(r"evicted [1-9]", timeout=60)
+        assert d.proc.wait(120) == 0, d.output
+    finally:
+        t.close()
+    seen: set[str] = set()
+    call = re.compile(r"^\d+\s+(?:<\.\.\. )?([a-z_0-9]+)[( ]")
+    with trace.open() as f:
+        for line in f:
+            m = call.match(line)
+            if m:
+                seen.add(m.group(1))
+    assert {"ptrace", "pidfd_getfd"} <= seen, sorted(seen)
+    assert not sorted(seen - allowed - {"exit", "exit_group", "execve", "resumed"})
