@@ -218,13 +218,15 @@ def test_a_file_without_guest_memory_is_an_error_but_the_embedded_default_is_the
         tmp_path: Path) -> None:
     errs = errors_of('[tracking]\ninterval = "1s"\n', tmp_path)
     assert errs == [f"{tmp_path / 'x.toml'}: no guest memory to tier: the file needs at least "
-                    "one [[region]] table (see configs/vmm-tierd.toml)"]
+                    "one [[region]] or [[vm]] table or daemon.handoff_socket (see "
+                    "configs/vmm-tierd.toml)"]
     assert errors_of("", tmp_path)[0].endswith("(see configs/vmm-tierd.toml)")
     # an empty array is the count error only, not both
     assert errors_of("region = []\n", tmp_path) == [
         f"{tmp_path / 'x.toml'}: region: must have between 1 and 64 entries, got 0"]
     assert defines_guest_memory({"region": [{}]}) and not defines_guest_memory({"daemon": {}})
-    assert GUEST_MEMORY_TABLES == ("region",)
+    assert GUEST_MEMORY_TABLES == ("region", "vm")
+    assert defines_guest_memory({"vm": [{}]})
     assert len(default_settings().regions) == 1
 
 

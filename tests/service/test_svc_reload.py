@@ -32,7 +32,7 @@ def test_a_load_that_hangs_times_out_and_the_next_one_says_busy(
     release = threading.Event()
     entered = threading.Event()
 
-    def stuck(path: str) -> Settings:
+    def stuck(path: str, **kw: object) -> Settings:
         entered.set()
         release.wait(60)
         raise OSError("released")
@@ -58,7 +58,7 @@ def test_a_load_that_hangs_times_out_and_the_next_one_says_busy(
 
 def test_any_exception_becomes_a_config_error(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(path: str) -> Settings:
+    def boom(path: str, **kw: object) -> Settings:
         raise RecursionError("maximum recursion depth exceeded")
 
     monkeypatch.setattr(reloading, "load_settings", boom)

@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
         vms = (*settings.vms, VmSettings(name=name, pid=args.pid))
         settings = dataclasses.replace(settings, vms=vms)
-    return start(settings, args, overrides)
+    return start(settings, args, overrides, config_needs_memory=args.pid is None)
 
 
 def _good_name(name: str) -> bool:

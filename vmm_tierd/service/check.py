@@ -41,7 +41,12 @@ def main(args: argparse.Namespace) -> int:
     total = sum(r.size_bytes for r in s.regions)
     regions = ", ".join(f"{r.name} {fmt_size(r.size_bytes)} {r.memtype.value}"
                         for r in s.regions)
-    print(f"{args.file}: ok: {len(s.regions)} region(s) ({regions}; {fmt_size(total)} in all), "
+    what = [f"{len(s.regions)} region(s) ({regions}; {fmt_size(total)} in all)"] \
+        if s.regions else []
+    what += [f"vm {v.name} ({f'pid {v.pid}' if v.pid else v.pid_file})" for v in s.vms]
+    if s.daemon.handoff_socket is not None:
+        what.append(f"handoff socket {s.daemon.handoff_socket}")
+    print(f"{args.file}: ok: {', '.join(what)}, "
           f"interval {fmt_duration(s.tracking.interval_s)}, min_age {s.tracking.min_age}, "
           f"store {s.store.path}, metrics {s.daemon.metrics_listen}, "
           f"backend {s.daemon.backend}")

@@ -50,8 +50,8 @@ def main(args: argparse.Namespace) -> int:
     return start(settings, args, overrides)
 
 
-def start(settings: Settings, args: argparse.Namespace, overrides: dict[str, str | None]
-          ) -> int:
+def start(settings: Settings, args: argparse.Namespace, overrides: dict[str, str | None],
+          *, config_needs_memory: bool = True) -> int:
     """Capacity checks, logging, then the daemon (``run`` and ``attach`` share it)."""
     cap = check_capacity(settings)
     for line in cap.errors:
@@ -64,4 +64,5 @@ def start(settings: Settings, args: argparse.Namespace, overrides: dict[str, str
     from .runner import Service  # loads trio, the engine and the kernel only now
 
     return Service(settings, config_path=args.config, overrides=overrides,
-                   seconds=args.seconds, verify=getattr(args, "verify", False)).run()
+                   seconds=args.seconds, verify=getattr(args, "verify", False),
+                   config_needs_memory=config_needs_memory).run()

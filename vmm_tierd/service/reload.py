@@ -28,8 +28,9 @@ MIN_RELOAD_SPACING_S = 0.2  # SIGHUPs closer than this are merged into one reloa
 
 class ConfigLoader:
     def __init__(self, path: str, overrides: dict[str, Any],
-                 timeout_s: float = RELOAD_TIMEOUT_S) -> None:
+                 timeout_s: float = RELOAD_TIMEOUT_S, *, need_memory: bool = True) -> None:
         self.path = path
+        self.need_memory = need_memory  # False: the file may hold settings only
         self.overrides = overrides
         self.timeout_s = timeout_s
         self._busy = threading.Event()  # set while a worker thread reads
@@ -37,8 +38,7 @@ class ConfigLoader:
     def _load(self) -> Settings:
         self._busy.set()
         try:
-            # the running daemon has its guest memory: a file of settings only is fine
-            return with_overrides(load_settings(self.path, need_memory=False),
+            return with_overrides(load_settings(self.path, need_memory=self.need_memory),
                                   **self.overrides)
         except ConfigError:
             raise

@@ -30,7 +30,8 @@ VERIFY_TIMEOUT_S = 300.0  # --verify: reading back every page of every region
 class Service:
     def __init__(self, settings: Settings, *, config_path: str | None,
                  overrides: dict[str, Any], seconds: float | None = None,
-                 verify: bool = False, notifier: Notifier | None = None) -> None:
+                 verify: bool = False, notifier: Notifier | None = None,
+                 config_needs_memory: bool = True) -> None:
         self.settings = settings
         self.config_path = config_path
         self.overrides = overrides
@@ -47,8 +48,9 @@ class Service:
         self._nursery: trio.Nursery | None = None
         self._reload_wanted = False
         self._reload_event: trio.Event | None = None
-        self._loader = (reloading.ConfigLoader(config_path, overrides) if config_path
-                        else None)
+        self._loader = (reloading.ConfigLoader(config_path, overrides,
+                                               need_memory=config_needs_memory)
+                        if config_path else None)
         self._hup_log = RateLimitedLog(log, burst=3, interval_s=60)
         self.exit_code = 0
 
