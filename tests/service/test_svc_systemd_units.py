@@ -91,7 +91,6 @@ def test_daemon_syscalls_pass_the_units_seccomp_filter(tmp_path: Path,
     """Every syscall a real (linux backend, anon + memfd) daemon makes while tracking,
     evicting, serving faults and metrics, and stopping is allowed by SystemCallFilter=,
     and nothing asks for writable+executable memory (MemoryDenyWriteExecute=yes)."""
-    import re
 
     from svc_helpers import small_config
 
@@ -108,6 +107,16 @@ def test_daemon_syscalls_pass_the_units_seccomp_filter(tmp_path: Path,
     d.scrape()
     d.wait_for(r"vm1: ws .* evicted", timeout=60)
     assert d.proc.wait(120) == 0, d.output
+    seen, wx = _traced(trace)
+    assert {"ioctl", "userfaultfd"} & seen and "memfd_create" in seen, sorted(seen)
+    assert not sorted(seen - allowed - {"exit", "exit_group", "execve", "resumed"})
+    assert not wx, wx[:5]
+
+
+def _traced(trace: Path) -> tuple[set[str], list[str]]:
+    """The syscalls an strace -f log shows, and any writable+executable mapping asked for."""
+    import re
+
     seen: set[str] = set()
     wx: list[str] = []
     call = re.compile(r"^\d+\s+(?:<\.\.\. )?([a-z_0-9]+)[( ]")
@@ -119,15 +128,12 @@ def test_daemon_syscalls_pass_the_units_seccomp_filter(tmp_path: Path,
             if ("mmap(" in line and "PROT_WRITE|PROT_EXEC" in line) or (
                     "mprotect(" in line and "PROT_EXEC" in line):
                 wx.append(line)
-    assert {"ioctl", "userfaultfd"} & seen and "memfd_create" in seen, sorted(seen)
-    assert not sorted(seen - allowed - {"exit", "exit_group", "execve", "resumed"})
-    assert not wx, wx[:5]
+    return seen, wx
 
 
 def test_attach_syscalls_pass_the_units_seccomp_filter(tmp_path: Path) -> None:
     """The same for ``vmm-tierd attach`` on a stand-in VMM (the test target): injected
     syscalls (ptrace), pidfd_getfd and process_vm_writev included."""
-    import re
 
     from svc_helpers import Daemon
 
@@ -149,12 +155,7 @@ def test_attach_syscalls_pass_the_units_seccomp_filter(tmp_path: Path) -> None:
         assert d.proc.wait(120) == 0, d.output
     finally:
         t.close()
-    seen: set[str] = set()
-    call = re.compile(r"^\d+\s+(?:<\.\.\. )?([a-z_0-9]+)[( ]")
-    with trace.open() as f:
-        for line in f:
-            m = call.match(line)
-            if m:
-                seen.add(m.group(1))
+    seen, wx = _traced(trace)
+    assert not wx, wx[:5]
     assert {"ptrace", "pidfd_getfd"} <= seen, sorted(seen)
     assert not sorted(seen - allowed - {"exit", "exit_group", "execve", "resumed"})
