@@ -21,6 +21,8 @@ class TrackingSettings:
     resident_target_bytes: int = 0  # evict coldest-first down to this; 0 = no target
     refault_window: int = 3  # a fault within this many intervals of eviction is a refault
     refault_hold: int = 4  # extra intervals a refaulted page must stay cold (wp strategy)
+    prefetch_pages: int = 8  # a fault from the store brings back up to this many pages
+    # around it that were evicted with it (same cycle, adjacent), in one UFFDIO_COPY
 
 
 @dataclass(frozen=True, slots=True)

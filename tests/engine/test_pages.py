@@ -363,3 +363,24 @@ def test_select_invariants(seed: int, min_age: int, budget: int, target: int,
         evict(t, got)
         back(t, rng.choice(n, size=3, replace=False))
         assert t.evicted_pages == int(np.count_nonzero((t.state & 1) == 1))
+
+
+def test_a_page_that_keeps_coming_back_gets_a_doubling_hold() -> None:
+    """Read-hot pages under wp look cold, are evicted and refault: each refault soon
+    after an eviction doubles the hold (refault_hold, 2x, 4x ... 31), and a page that
+    stays away for the window starts over."""
+    t = table(2, min_age=1, refault_window=3, refault_hold=4)
+    holds = []
+    for _ in range(5):
+        evict(t, [0])
+        observe(t, np.ones(2, dtype=bool))
+        assert back(t, [0]) == 1
+        holds.append(int(t.state[0] >> 3))
+    assert holds == [4, 8, 16, 31, 31]
+    evict(t, [0])
+    for _ in range(5):  # past the window: no refault, no hold
+        observe(t, np.ones(2, dtype=bool))
+    assert back(t, [0]) == 0 and t.state[0] >> 3 == 0
+    evict(t, [0])
+    observe(t, np.ones(2, dtype=bool))
+    assert back(t, [0]) == 1 and t.state[0] >> 3 == 4  # starts over

@@ -282,7 +282,9 @@ def test_cycle_compacts_dead_bytes_left_by_deletes() -> None:
             await h.write_pages(pages)
             await h.wait_evicted(pages)
             live = store.stats().compressed_bytes
-            h.engine.update_tracking(TrackingSettings(interval_s=0.05, min_age=255))
+            # no prefetch: exactly the pages faulted come back
+            h.engine.update_tracking(TrackingSettings(interval_s=0.05, min_age=255,
+                                                      prefetch_pages=0))
             for p in range(0, 128, 2):  # fault half back: their records get deleted
                 r = await h.access(p, AccessKind.READ)
                 assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
@@ -306,4 +308,31 @@ def test_reload_that_shortens_the_interval_applies_at_once() -> None:
             h.engine.update_tracking(TrackingSettings(interval_s=0.05, min_age=1))
             await h.wait_for(lambda: h.r.report.c.cycles >= 3, timeout=20)
             assert h.engine.region_stats()[0].interval_s == 0.05
+    trio.run(main)
+
+
+@pytest.mark.parametrize("memtype", ["anon", "memfd"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fault_around_brings_back_the_pages_evicted_with_it(backend: str,
+                                                            memtype: str) -> None:
+    """One fault from the store brings back up to prefetch_pages of its neighbours evicted
+    in the same cycle, in one COPY: their own accesses then don't fault at all."""
+    async def main() -> None:
+        async with engine(backend, memtype) as h:
+            await h.write_pages(PAGES)
+            await h.wait_evicted(PAGES)
+            h.engine.update_tracking(TrackingSettings(interval_s=0.05, min_age=255,
+                                                      prefetch_pages=8))
+            c = h.r.report.c.cycles
+            await h.wait_for(lambda: h.r.report.c.cycles >= c + 2)
+            before = dict(h.r.report.c.faults)
+            r = await h.access(8, AccessKind.READ)
+            assert r.status is AccessStatus.OK and r.data == page_bytes(8, 1)
+            assert not h.evicted(range(8, 16)).any()  # 8 .. 15 came back with it
+            for p in range(9, 16):
+                r = await h.access(p, AccessKind.READ)
+                assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p
+            after = h.r.report.c.faults
+            assert after.get("store", 0) - before.get("store", 0) == 1
+            assert h.evicted(range(16, 32)).all()
     trio.run(main)

@@ -67,8 +67,9 @@ class FaultServer:
                 if not served % YIELD_EVERY:  # a fault storm must not starve the cycle
                     self.flush()
                     await trio.lowlevel.checkpoint()
-                if not self.backlog:
                     self.pull()
+            # No read here: wait_readable returns at once if more faults came meanwhile,
+            # and a read that finds nothing (every single-fault burst) costs a syscall.
             self.flush()  # the policy hears before any other task runs
             r.store.release_reader()
             # no checkpoint here: wait_readable above always yields to the other tasks
@@ -201,6 +202,11 @@ class FaultServer:
     def _from_store(self, p: int, addr: int, t_read: float) -> int:
         """The hot path: get → checksum → decompress (in get) → UFFDIO_COPY."""
         r = self.r
+        n = r.pages.params.prefetch
+        if n > 1:
+            lo, hi = r.pages.evicted_with(p, n)
+            if hi - lo > 1 and self._run_from_store(p, lo, hi, t_read):
+                return DONE
         try:
             data = r.store.get(r.rid, p)
         except RecordError as e:
@@ -216,6 +222,45 @@ class FaultServer:
         r.pages.served_back(p)  # back in memory; the policy hears in bulk (flush)
         r.report.fault(kind if done else "wake", t_read)
         return DONE
+
+    def _run_from_store(self, p: int, lo: int, hi: int, t_read: float) -> bool:
+        """Fault-around: ``p`` and the pages evicted with it, [lo, hi), in one COPY. The
+        run is cut at a record that can't be read (that page is poisoned when it faults
+        itself). False: serve ``p`` alone."""
+        r = self.r
+        got: list[bytes] = []
+        zeros = bytes(self.ps)
+        start = lo
+        for q in range(lo, hi):
+            try:
+                d = r.store.get(r.rid, q)
+            except (KeyError, RecordError):
+                if q <= p:
+                    if q == p:
+                        return False
+                    start, got = q + 1, []
+                    continue
+                hi = q
+                break
+            got.append(zeros if d is None else d)
+        if hi - start < 2:
+            return False
+        addr = self.base + start * self.ps
+        done = hi - start
+        try:
+            r.uffd.k.uffd_copy(r.uffd.fd, addr, b"".join(got), 0)
+        except KernelError as e:
+            # A page of the run was there after all (EEXIST, or EAGAIN after the bytes
+            # done): what was copied is back, the rest is served page by page.
+            done = e.done // self.ps
+        for q in range(start, start + done):
+            r.pages.served_back(q)
+        if not start <= p < start + done:
+            return False
+        r.report.fault("store", t_read)
+        if done > 1:
+            r.report.obs.prefetched(r.name, done - 1)
+        return True
 
     def _poison(self, p: int, addr: int, why: str, t_read: float) -> int:
         """The page's content can't be recovered: the guest gets a memory error, not

@@ -17,6 +17,8 @@ class Observer(Protocol):
 
     def evicted(self, region: str, pages: int, guest_bytes: int) -> None: ...
     def refault(self, region: str, pages: int) -> None: ...
+    def prefetched(self, region: str, pages: int) -> None:
+        """Pages brought back with a faulting one (fault-around), without a fault."""
     def poisoned(self, region: str, pages: int) -> None: ...
     def discarded(self, region: str, pages: int, dropped: int) -> None:
         """The guest discarded ``pages`` (REMOVE/UNMAP); ``dropped`` of them were evicted
@@ -33,6 +35,9 @@ class NullObserver:
         pass
 
     def refault(self, region: str, pages: int) -> None:
+        pass
+
+    def prefetched(self, region: str, pages: int) -> None:
         pass
 
     def poisoned(self, region: str, pages: int) -> None:

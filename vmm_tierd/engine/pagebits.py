@@ -13,3 +13,5 @@ EXPIRED = 0x04  # EVICTED/BACK only
 ZERO = 0x08  # EVICTED/BACK only
 HOLD_SHIFT = 3  # RESIDENT only: bits 3..7
 HOLD_MAX = 0xFF >> HOLD_SHIFT
+LEVEL_SHIFT = 4  # EVICTED/BACK only: bits 4..7, half the hold served before (see pages)
+LEVEL_MAX = 0xFF >> LEVEL_SHIFT

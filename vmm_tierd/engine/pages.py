@@ -11,7 +11,11 @@ are the page's *kind*:
 - ``EVICTED`` (1): its record is committed and the page is gone from memory; a fault is
   served from the store. ``age`` is the cycle (mod 256) it was evicted in. Bit 2
   ``EXPIRED``: evicted longer ago than the refault window (so the cycle byte can wrap).
-  Bit 3 ``ZERO``: the record is a zero page.
+  Bit 3 ``ZERO``: the record is a zero page. Bits 4..7: half the refault hold the page
+  had served before this eviction, so that a page that keeps coming back (read-hot
+  pages under the wp strategy, whose reads are invisible) gets a hold that doubles each
+  time (refault_hold, 2x, 4x ... up to 31 intervals) instead of cycling through the
+  store at the same pace; a page not refaulted within the window starts over.
 - ``BACK`` (3 = EVICTED | 2): a fault served it back from the store; the policy hears in
   bulk at the next :meth:`PageTable.flush` (one numpy pass per burst, not per fault).
 - ``POISONED`` (2): its content could not be recovered. *Every* fault on it gets
@@ -40,8 +44,11 @@ from .pagebits import (
     BACK,
     EVICTED,
     EXPIRED,
+    HOLD_MAX,
     HOLD_SHIFT,
     KIND,
+    LEVEL_MAX,
+    LEVEL_SHIFT,
     ONCE,
     POISONED,
     RESIDENT,
@@ -76,6 +83,7 @@ class PageTable:
         self.age = np.zeros(npages, dtype=np.uint8)
         self.state = np.zeros(npages, dtype=np.uint8)
         self.view = self.state.data  # scalar access, ~10x cheaper than numpy indexing
+        self.agev = self.age.data
         self.params = policy.Params.of(tracking)
         self.cycle = 0  # observations so far
         self.inflight: dict[int, tuple[Batch, int]] = {}
@@ -100,6 +108,21 @@ class PageTable:
         """Evicted at some point since it was last known empty (or evicted now)."""
         s = self.view[p]
         return s & KIND != RESIDENT or bool(s & ONCE)
+
+    def evicted_with(self, p: int, n: int) -> tuple[int, int]:
+        """[lo, hi): the run around EVICTED page ``p`` of adjacent pages evicted in the
+        same cycle (pages that left together tend to be wanted together), at most ``n``
+        pages, forward first (guests walk memory upwards more often than not)."""
+        st, age, last = self.view, self.agev, self.npages - 1
+        a = age[p]
+        lo = hi = p
+        while hi < last and hi - lo + 1 < n and st[hi + 1] & KIND == EVICTED \
+                and age[hi + 1] == a:
+            hi += 1
+        while lo > 0 and hi - lo + 1 < n and st[lo - 1] & KIND == EVICTED \
+                and age[lo - 1] == a:
+            lo -= 1
+        return lo, hi + 1
 
     # ---- the fault path ----------------------------------------------------------------
     def served_back(self, p: int) -> None:
@@ -153,15 +176,15 @@ class PageTable:
 
     def _flush_few(self, pages: list[int]) -> int:
         st, age = self.view, self.age.data
-        now, window = self.cycle & 0xFF, self.params.window
-        held = self.params.hold << HOLD_SHIFT | ONCE
+        now, window, base = self.cycle & 0xFF, self.params.window, self.params.hold
         n = 0
         for p in pages:
             s = st[p]
             if s & KIND != BACK:  # poisoned or discarded since
                 continue
             if not s & EXPIRED and (now - age[p]) & 0xFF <= window:
-                st[p] = held
+                held = min(HOLD_MAX, max(base, (s >> LEVEL_SHIFT) << 2)) if base else 0
+                st[p] = held << HOLD_SHIFT | ONCE
                 n += 1
             else:
                 st[p] = ONCE
@@ -177,7 +200,10 @@ class PageTable:
         p, st = p[ev], st[ev]
         since = np.uint8(self.cycle & 0xFF) - self.age[p]
         refault = ((st & EXPIRED) == 0) & (since <= self.params.window)
-        self.state[p] = np.where(refault, np.uint8(self.params.hold << HOLD_SHIFT | ONCE),
+        base = self.params.hold
+        held = (np.minimum(np.maximum((st >> LEVEL_SHIFT).astype(np.uint16) << 2, base),
+                           HOLD_MAX).astype(np.uint8) if base else np.zeros_like(st))
+        self.state[p] = np.where(refault, (held << HOLD_SHIFT) | np.uint8(ONCE),
                                  np.uint8(ONCE))
         self.age[p] = 0
         self._evicted -= len(p)
@@ -209,8 +235,10 @@ class PageTable:
         ev = batch.pages[keep].astype(np.int64)
         st = self.state[ev]
         # a page poisoned or discarded while in flight can't be: the fault path only
-        # reclaims in-flight pages, and discarded() reclaims them too
-        self.state[ev] = np.where(zero[keep], np.uint8(EVICTED | ZERO), np.uint8(EVICTED))
+        # reclaims in-flight pages, and discarded() reclaims them too. Half the refault
+        # hold it served is kept: a refault soon after doubles it (see LEVEL_SHIFT).
+        level = np.minimum((st >> HOLD_SHIFT) >> 1, LEVEL_MAX).astype(np.uint8) << LEVEL_SHIFT
+        self.state[ev] = np.where(zero[keep], np.uint8(EVICTED | ZERO), np.uint8(EVICTED)) | level
         self.age[ev] = self.cycle & 0xFF
         self._evicted += int(np.count_nonzero((st & KIND) == RESIDENT))
         self._present = max(0, self._present - len(ev))

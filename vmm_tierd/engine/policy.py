@@ -29,6 +29,7 @@ class Params:
     budget_pages: int
     budget_bytes_per_s: float
     resident_target_bytes: int
+    prefetch: int = 0
 
     @classmethod
     def of(cls, t: TrackingSettings) -> Params:
@@ -36,7 +37,8 @@ class Params:
                    window=min(max(t.refault_window, 0), WINDOW_MAX),
                    hold=min(max(t.refault_hold, 0), HOLD_MAX),
                    budget_pages=t.budget_pages, budget_bytes_per_s=t.budget_bytes_per_s,
-                   resident_target_bytes=t.resident_target_bytes)
+                   resident_target_bytes=t.resident_target_bytes,
+                   prefetch=max(0, t.prefetch_pages))
 
 
 def observe(age: np.ndarray, state: np.ndarray, cold: np.ndarray, cycle: int,

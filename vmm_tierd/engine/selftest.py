@@ -41,6 +41,9 @@ class RecordingObserver:
     def refault(self, region: str, pages: int) -> None:
         pass
 
+    def prefetched(self, region: str, pages: int) -> None:
+        pass
+
     def poisoned(self, region: str, pages: int) -> None:
         self.poisoned_count += pages
 

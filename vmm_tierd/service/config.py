@@ -257,6 +257,7 @@ def _tracking(t: _Table) -> TrackingSettings:
                                     rules.size(0, 64 << 40, PAGE_SIZE)),
         refault_window=t.get("refault_window", d.refault_window, rules.integer(0, 250)),
         refault_hold=t.get("refault_hold", d.refault_hold, rules.integer(0, 250)),
+        prefetch_pages=t.get("prefetch_pages", d.prefetch_pages, rules.integer(0, 256)),
     )
     t.finish()
     return out

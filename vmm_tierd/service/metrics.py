@@ -91,6 +91,10 @@ class Metrics:
         self.refaults = Counter(f"{NS}_refaults", "Evicted guest pages (not bytes) faulted "
                                 "back within tracking.refault_window intervals", ["vm", "region"],
                                 registry=registry)
+        self.prefetched_pages = Counter(f"{NS}_prefetched_pages", "Evicted pages brought "
+                                        "back with a faulting neighbour evicted with it "
+                                        "(tracking.prefetch_pages), without a fault of "
+                                        "their own", ["vm", "region"], registry=registry)
         self.discarded_pages = Counter(f"{NS}_guest_discarded_pages",
                                        "Pages the guest discarded (MADV_DONTNEED/REMOVE, "
                                        "munmap): new memory, their records dropped",
@@ -141,6 +145,9 @@ class Metrics:
 
     def refault(self, region: str, pages: int) -> None:
         self.refaults.labels(vm_of(region), region).inc(pages)
+
+    def prefetched(self, region: str, pages: int) -> None:
+        self.prefetched_pages.labels(vm_of(region), region).inc(pages)
 
     def poisoned(self, region: str, pages: int) -> None:
         self.poisoned_pages.labels(vm_of(region), region).inc(pages)
