@@ -1,0 +1,414 @@
+"""The page store's foundation: opening (and reopening) LMDB in a trusted directory,
+reclaiming what exited daemons left, the write txn, failures and health. The public API
+is ``store.PageStore``.
+
+A store opened without ``instance_id`` is a new instance: every record already there
+belongs to an exited daemon, so data.mdb is replaced by an empty one at open (the count is
+``reclaimed``; region ids are kept). With an ``instance_id``, records of other instances'
+regions are deleted instead; if that fails they stay for the next open, as after kill -9.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import TypeVar
+
+import lmdb
+import zstandard
+
+from .store_dir import StoreDir
+from .store_file import DataFile
+from .store_format import (
+    MAX_PAGE,
+    REGION_ID,
+    SEGKEY,
+    SYNC_MODES,
+    Delta,
+    StoreError,
+    StoreFullError,
+    StoreHealth,
+    StoreProblem,
+    StoreWriteError,
+    owner_key,
+    region_key,
+)
+from .store_log import SegmentLog, Txn, lmdb_errno, write_error
+from .store_read import ReaderPool
+
+T = TypeVar("T")
+
+TRIM_EVERY = 1.0  # s between free-page punches, at most
+TRIM_SLACK = 4 << 20  # punch once the file holds this much more than LMDB uses
+
+
+class _Faulted(Exception):
+    """A read of LMDB's map faulted (SIGBUS contained) during a write txn."""
+
+
+class StoreBase:
+    def __init__(self, path: str | os.PathLike[str], *, map_size: int = 8 << 30,
+                 zstd_level: int = 1, sync: str = "commit", instance_id: str | None = None,
+                 segment_pages: int = 32, compact_below: float = 0.5,
+                 gc_dead: float = 0.05, compact_in_put: float = 2.0) -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"store sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+        self.map_size = map_size
+        self.sync_mode = sync
+        self.zstd_level = zstd_level
+        self.fresh = instance_id is None
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self.compact_in_put = compact_in_put
+        self._seg_args = (segment_pages, compact_below, gc_dead)
+        self._wlock = threading.Lock()
+        self._local = threading.local()
+        self._pool = ReaderPool()
+        self._closed = True
+        self._broken: tuple[int, str] | None = None  # writes refused until restart
+        self._last: StoreProblem | None = None
+        self._errors: Counter[str] = Counter()
+        self._reopened = 0
+        self._last_reopen = 0.0
+        self._last_trim = 0.0
+        self.punched_bytes = 0
+        self.notes: list[str] = []  # what open found and did (for the log)
+        self.reclaimed = 0
+        self._regions: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._owners: dict[int, str] = {}
+        self._dir = StoreDir(path)  # trust checks and the flock; raises StoreError
+        self.path = self._dir.path
+        try:
+            if self.fresh:
+                self._start_afresh()
+            else:
+                self._open_env()
+                self._load()
+                self.reclaimed = self._reclaim()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- open-time state -------------------------------------------------------------
+    def _open_env(self) -> None:
+        try:
+            self._env = lmdb.open(
+                self._dir.lmdb_path(), map_size=self.map_size, max_dbs=4, subdir=True,
+                lock=True, writemap=False, readahead=False, mode=0o600,
+                sync=self.sync_mode == "commit", metasync=self.sync_mode == "commit")
+        except lmdb.Error as e:
+            raise StoreError(f"{self.path}: can't open the LMDB store: {e}; if it is "
+                             "corrupt, it only holds pages of exited daemons: move it aside "
+                             "to start afresh", path=str(self.path), op="open",
+                             err=lmdb_errno(e)) from e
+        try:
+            self._dir.check_files()  # what LMDB created: ours, 0600
+            self._dir.remember("data.mdb")
+            # the flock keeps every other process out, so LMDB's lock file is only ours:
+            # gone from the directory, it can't be truncated or replaced by name
+            os.unlink("lock.mdb", dir_fd=self._dir.fd)
+            dbs = {n: self._env.open_db(n.encode()) for n in ("meta", "index", "seg", "segmeta")}
+            psize = self._env.stat()["psize"]
+            self._data = DataFile(self._dir, psize)
+        except BaseException:
+            self._env.close()
+            raise
+        if not self._data.map_len:
+            self._data.close()
+            self._env.close()
+            raise StoreError(f"{self.path}: LMDB's map of data.mdb not found in "
+                             "/proc/self/maps", path=str(self.path), op="open")
+        self._dbs = dbs
+        self._meta, self._idx, self._seg = dbs["meta"], dbs["index"], dbs["seg"]
+        pages, below, dead = self._seg_args
+        # a value of V bytes takes ceil((V + 16) / psize) overflow pages (16 = page header)
+        self._log = SegmentLog(dbs, pages * psize - 16, below, dead)
+        self._pool.env = self._env
+        self._closed = False
+
+    def _close_env(self) -> None:
+        with self._pool.quiesced():
+            self._pool.env = None
+            self._data.close()  # the SIGBUS guard goes before LMDB unmaps
+            self._env.close()
+        self._closed = True
+
+    def _start_afresh(self) -> None:
+        """A new instance: keep the region ids, drop every record (all of dead daemons)."""
+        exists = True
+        try:
+            os.stat("data.mdb", dir_fd=self._dir.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            exists = False
+        if exists:
+            try:
+                self._open_env()
+                try:
+                    self._load()
+                    self.reclaimed = self._log.counters.records
+                finally:
+                    self._close_env()
+            except (StoreError, lmdb.Error, OSError) as e:
+                self._regions.clear()
+                self._names.clear()
+                self.notes.append(f"{self.path}/data.mdb was unreadable ({e}); it only "
+                                  "held pages of exited daemons: replaced by an empty one")
+            for name in ("data.mdb", "lock.mdb"):
+                try:
+                    os.unlink(name, dir_fd=self._dir.fd)
+                except FileNotFoundError:
+                    pass
+        if self.reclaimed:
+            self.notes.append(f"reclaimed {self.reclaimed} store records left by an "
+                              "earlier instance")
+        self._open_env()
+        self._owners.clear()
+        names = dict(self._regions)
+        if names:
+            def keep(txn: Txn, d: Delta) -> None:
+                for name, rid in names.items():
+                    txn.put(region_key(name), REGION_ID.pack(rid), db=self._meta)
+
+            self._write("open", keep)
+
+    def _load(self) -> None:
+        with self._env.begin() as txn:
+            self._log.load(txn)
+            cur = txn.cursor(db=self._meta)
+            if cur.set_range(b"owner/"):
+                for k, v in cur:
+                    if not k.startswith(b"owner/"):
+                        break
+                    self._owners[REGION_ID.unpack(k[6:])[0]] = v.decode()
+            if cur.set_range(b"region/"):
+                for k, v in cur:
+                    if not k.startswith(b"region/"):
+                        break
+                    rid = REGION_ID.unpack(v)[0]
+                    self._regions[k[7:].decode()] = rid
+                    self._names[rid] = k[7:].decode()
+
+    def _reclaim(self) -> int:
+        """Delete every record of regions owned by other (dead) instances. A failure
+        leaves them for the next open, like a kill -9 would."""
+        foreign = {r for r in self._names if self._owners.get(r) != self.instance_id}
+        before = self._log.counters.records
+        if not foreign or not before:
+            return 0
+
+        def ranges(txn: Txn, d: Delta) -> None:
+            for r in foreign:
+                self._log.delete_range(txn, d, r, 0, MAX_PAGE + 1)
+                txn.delete(owner_key(r), db=self._meta)
+
+        try:
+            self._write("reclaim", ranges, bump=True)
+        except StoreError as e:
+            self.notes.append(f"reclaiming records of exited daemons failed: {e}")
+            return 0
+        for r in foreign:
+            self._owners.pop(r, None)
+        return before - self._log.counters.records
+
+    # ---- failures --------------------------------------------------------------------
+    def _problem(self, op: str, err: int, message: str) -> None:
+        self._last = StoreProblem(op, err, message, time.monotonic())
+        self._errors[errno.errorcode.get(err, str(err))] += 1
+
+    def _fail(self, e: StoreError) -> StoreError:
+        self._problem(e.op, e.errno, str(e))
+        return e
+
+    def _check_writable(self, what: str) -> None:
+        if self._closed:
+            raise StoreWriteError(f"{self.path}: store is closed", path=str(self.path),
+                                  op=what, err=errno.EBADF)
+        if self._broken is None:
+            p = self._dir.problem()
+            if p is None and self._data.repair() and self._truncated():
+                p = (errno.EIO, "data.mdb was truncated under the daemon")
+            if p is not None:
+                self._broken = p
+        if self._broken is not None:
+            err, why = self._broken
+            raise self._fail(StoreWriteError(
+                f"{self.path}: {what} refused: {why}; records already stored stay "
+                "readable; restart the daemon to use the store again",
+                path=str(self.path), op=what, err=err))
+
+    def _truncated(self) -> bool:
+        try:
+            return self._data.size() < (self._env.info()["last_pgno"] + 1) * self._data.psize
+        except (OSError, lmdb.Error):
+            return True
+
+    def _reopen(self) -> None:
+        """After MDB_PANIC (LMDB refuses every txn once a meta write failed): open the
+        environment again. Caller holds the write lock."""
+        self._last_reopen = time.monotonic()
+        self._close_env()
+        self._open_env()
+        self._load()
+        self._reopened += 1
+
+    def _recover(self) -> bool:
+        """A read hit MDB_PANIC: reopen (at most once a second); True if it did."""
+        with self._wlock:
+            if self._closed or time.monotonic() - self._last_reopen < 1.0:
+                return False
+            try:
+                self._reopen()
+                return True
+            except (StoreError, lmdb.Error, OSError) as e:
+                self._broken = (lmdb_errno(e), f"LMDB can't be reopened: {e}")
+                return False
+
+    # ---- the write path --------------------------------------------------------------
+    def _write(self, what: str, fn: Callable[[Txn, Delta], T], bump: bool = False) -> T:
+        """Run ``fn`` in one write txn. ``bump``: if it freed segments, commit one more tiny
+        txn: LMDB reuses pages freed by txn N only from txn N+2 on (N+1 must still be able
+        to open the snapshot of N-1), so without it the next put would grow the file."""
+        with self._wlock:
+            self._check_writable(what)
+            data = self._data
+            data.ensure_guard()
+            faults = data.thread_sigbus_events()
+            delta = self._log.delta()
+            try:
+                txn = self._env.begin(write=True)
+                try:
+                    result = fn(txn, delta)
+                    self._log.finish(txn, delta)
+                    if data.thread_sigbus_events() != faults:
+                        raise _Faulted
+                except BaseException:
+                    txn.abort()
+                    raise
+                txn.commit()
+            except _Faulted:
+                data.repair()
+                if self._truncated():
+                    self._broken = (errno.EIO, "data.mdb was truncated under the daemon")
+                raise self._fail(StoreWriteError(
+                    f"{self.path}: {what} failed, nothing of it was written: reading "
+                    "data.mdb faulted (SIGBUS contained: truncated or unreadable)",
+                    path=str(self.path), op=what, err=errno.EIO)) from None
+            except lmdb.MapFullError as e:
+                raise self._fail(StoreFullError(
+                    f"{self.path}: LMDB map full during {what}, nothing of it was written; "
+                    f"raise store.map_size (now {self.map_size})", path=str(self.path),
+                    op=what, err=errno.ENOSPC)) from e
+            except (lmdb.Error, OSError) as e:
+                err = write_error(self.path, what, e)
+                if isinstance(e, lmdb.PanicError):
+                    try:
+                        self._reopen()
+                    except (StoreError, lmdb.Error, OSError) as e2:
+                        self._broken = (err.errno, f"LMDB can't go on ({e}; reopen: {e2})")
+                raise self._fail(err) from e
+            gone = self._gone(delta)
+            self._log.apply(delta)
+            self._pool.committed()
+            self._after_commit(delta, gone)
+            if bump and None in delta.segs.values():
+                try:
+                    with self._env.begin(write=True) as txn:
+                        txn.put(b"counters", self._log.counters.pack(), db=self._meta)
+                    self._pool.committed()
+                except lmdb.Error:
+                    pass  # only an optimisation; the data txn above is committed
+            return result
+
+    def _gone(self, d: Delta) -> list[tuple[int, int]]:
+        """Page spans of payloads deleted and segments freed by ``d`` (before apply)."""
+        geo, out = self._log.geo, []
+        for sid, v in d.segs.items():
+            if v is None and sid in geo:
+                out.append(self._data.value_pages(*geo[sid]))
+        for sid, off, ln in d.killed:
+            g = geo.get(sid)
+            if g is not None and d.segs.get(sid, 0) is not None:
+                out.append(self._data.page_span(g[0] + off, ln))
+        return out
+
+    def _after_commit(self, d: Delta, gone: list[tuple[int, int]]) -> None:
+        """Learn where the new segments are, write them behind, drop what went, punch
+        free space. Committed already: a failure here costs memory or disk, no data."""
+        try:
+            written = []
+            if d.new:
+                with self._env.begin(buffers=True) as txn:
+                    for sid, vlen in d.new.items():
+                        if sid not in self._log.segs:
+                            continue
+                        mv = txn.get(SEGKEY.pack(sid), db=self._seg)
+                        off = self._data.offset_of(mv) if mv is not None else 0
+                        if off and mv is not None and len(mv) == vlen:
+                            self._log.located(sid, off, vlen)
+                            written.append(self._data.value_pages(off, vlen))
+            self._data.after_commit(written, gone)
+            now = time.monotonic()
+            if now - self._last_trim >= TRIM_EVERY:
+                st = os.fstat(self._data.fd)
+                if st.st_blocks * 512 > self._used_bytes() + TRIM_SLACK:
+                    self._last_trim = now
+                    self.punched_bytes += self._data.trim(self._env, list(self._dbs.values()))
+        except (OSError, lmdb.Error) as e:
+            self._problem("write-behind", lmdb_errno(e), f"{self.path}: after a commit: {e}")
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(
+                level=self.zstd_level, write_content_size=False, write_checksum=False)
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "dctx", None)
+        if d is None:
+            d = self._local.dctx = zstandard.ZstdDecompressor()
+        return d
+
+    def _used_bytes(self) -> int:
+        """LMDB pages in use by the trees (the file minus LMDB's free pages)."""
+        s = self._pool.slot()
+        with s.lk:
+            txn = self._pool.txn(s)
+            used = 0
+            for db in (self._meta, self._idx, self._seg, self._log.segmeta):
+                t = txn.stat(db)
+                used += t["branch_pages"] + t["leaf_pages"] + t["overflow_pages"]
+        return used * self._data.psize
+
+    def region_name(self, region: int) -> str:
+        return self._names.get(region, f"#{region}")
+
+    def health(self) -> StoreHealth:
+        """Whether writes can work, the last failure, failures per errno, SIGBUS count.
+        Cheap (a few stat calls): fine once per cycle or scrape."""
+        with self._wlock:
+            if not self._closed and self._broken is None:
+                p = self._dir.problem()
+                if p is None and self._data.repair() and self._truncated():
+                    p = (errno.EIO, "data.mdb was truncated under the daemon")
+                if p is not None:
+                    self._broken = p
+                    self._problem("health", p[0], f"{self.path}: {p[1]}")
+            if not self._closed:
+                self._data.ensure_guard()
+        return StoreHealth(
+            writable=self._broken is None and not self._closed,
+            reason=self._broken[1] if self._broken else ("closed" if self._closed else ""),
+            last_error=self._last, errors=dict(self._errors),
+            sigbus=DataFile.sigbus_events(), reopened=self._reopened)
+
+    def close(self) -> None:
+        with self._wlock:
+            if not self._closed:
+                self._close_env()
+            self._dir.close()

@@ -1,0 +1,191 @@
+"""data.mdb as the store touches it beside LMDB: payload reads, page cache, holes, faults.
+
+- Payloads are read with pread at their segment's file offset (one index lookup per
+  record, no 128 KiB value preload by py-lmdb, an EIO is an errno instead of a SIGBUS).
+- What LMDB still reads through its map (B-tree pages) is covered by the SIGBUS guard of
+  vmm_tierd.kernel.linux_store: a page past EOF or failing to read reads as zeros, LMDB
+  reports corruption, ``repair()`` maps the file back.
+- Page cache: each commit starts writeback of the segments it wrote (sync_file_range), and
+  drops the previous commit's (then written back) plus the pages of records deleted or
+  segments freed (POSIX_FADV_DONTNEED, after MADV_DONTNEED of any PTE of LMDB's map). The
+  B-tree pages stay cached: every lookup needs them, and they are ~3% of the store.
+- Disk: ``trim()`` punches LMDB's reusable free runs (store_free), so the file uses
+  what its live pages need, though LMDB never shrinks it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import lmdb
+import numpy as np
+
+from vmm_tierd.kernel import linux_store as ls
+
+from .store_dir import StoreDir
+from .store_format import PAGE
+from .store_free import FormatError, oldest_reader, read_free_list, runs
+
+PAGEHDR = 16  # an overflow value starts 16 bytes into its first page
+MIN_RUN = 4  # free runs shorter than this are reused at once by B-tree copies: keep them
+WAIT = ls.SYNC_WAIT_BEFORE | ls.SYNC_WRITE | ls.SYNC_WAIT_AFTER
+
+
+def _mapping(fd: int) -> tuple[int, int]:
+    """(address, length) of LMDB's map of the file open as ``fd`` (from /proc/self/maps:
+    py-lmdb doesn't say where it is)."""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    best = (0, 0)
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) >= 5 and fields[4] == str(st.st_ino) and fields[3] == dev:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if hi - lo > best[1]:
+                    best = (lo, hi - lo)
+    return best
+
+
+class DataFile:
+    def __init__(self, sdir: StoreDir, psize: int) -> None:
+        self.psize = psize
+        self.fd = sdir.open_file("data.mdb", os.O_RDWR)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead on pread
+        self.map_base, self.map_len = _mapping(self.fd)
+        self.guard: ls.MapGuard | None = None
+        if self.map_len:
+            self.guard = ls.MapGuard(self.map_base, self.map_len, self.fd)
+        self.pending = np.zeros((0, 2), dtype=np.uint64)  # written, drop at next commit
+        self.punched: set[tuple[int, int]] = set()
+        self.punch_ok = True
+
+    # ---- reads -----------------------------------------------------------------------
+    def read(self, off: int, n: int) -> bytes:
+        b = os.pread(self.fd, n, off)
+        if len(b) != n:
+            raise OSError(errno.EIO, f"short read of data.mdb at {off} ({len(b)} of {n} "
+                          "bytes): truncated?")
+        return b
+
+    def read_mapped(self, off: int, n: int) -> bytes | None:
+        """The same bytes through LMDB's map (what the page cache still holds when the
+        file system refuses reads, e.g. after an ext4 shutdown); None if that faults."""
+        if not self.map_len or off + n > self.map_len:
+            return None
+        got = ls.copy_guarded(self.map_base + off, n)
+        self.repair()
+        return got
+
+    def offset_of(self, value: memoryview) -> int:
+        """File offset of a value py-lmdb returned as a buffer into LMDB's map (0 if it
+        is not one, e.g. a dirty page of a write txn)."""
+        addr = int(np.frombuffer(value, dtype=np.uint8).__array_interface__["data"][0])
+        off = addr - self.map_base
+        if not self.map_len or not 0 < off < self.map_len or (off - PAGEHDR) % self.psize:
+            return 0
+        return off
+
+    def value_pages(self, off: int, vlen: int) -> tuple[int, int]:
+        """(start, length) of the pages holding a value at ``off`` of ``vlen`` bytes."""
+        start = off - PAGEHDR
+        return start, -(-(vlen + PAGEHDR) // self.psize) * self.psize
+
+    def page_span(self, off: int, n: int) -> tuple[int, int]:
+        lo = off // PAGE * PAGE
+        return lo, -(-(off + n) // PAGE) * PAGE - lo
+
+    # ---- faults ----------------------------------------------------------------------
+    @staticmethod
+    def ensure_guard() -> None:
+        ls.guard_ensure()
+
+    @staticmethod
+    def sigbus_events() -> int:
+        return ls.guard_events()
+
+    @staticmethod
+    def thread_sigbus_events() -> int:
+        return ls.guard_thread_events()
+
+    def repair(self) -> bool:
+        return self.guard.repair() if self.guard is not None else False
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    # ---- page cache ------------------------------------------------------------------
+    def after_commit(self, written: list[tuple[int, int]], gone: list[tuple[int, int]]
+                     ) -> None:
+        """Start writeback of this commit's segments; drop the last commit's, and the
+        pages of what this one deleted or freed."""
+        new = np.array(written, dtype=np.uint64).reshape(-1, 2)
+        if len(new):  # py-lmdb's preload (learning the offsets) mapped them: unmap
+            ls.writeback(self.fd, new, map_base=self.map_base, sync_flags=ls.SYNC_WRITE)
+        old = np.concatenate([self.pending, np.array(gone, dtype=np.uint64).reshape(-1, 2)])
+        self.pending = new
+        if len(old):
+            ls.writeback(self.fd, _merge(old), map_base=self.map_base, sync_flags=WAIT,
+                         drop=True)
+
+    def cache(self) -> ls.CacheStat | None:
+        try:
+            return ls.cachestat(self.fd)
+        except OSError:
+            return None
+
+    # ---- disk ------------------------------------------------------------------------
+    def trim(self, env: lmdb.Environment, dbs: list[object]) -> int:
+        """Punch LMDB's reusable free runs; bytes newly punched. Caller holds the write
+        lock (no write txn runs, so the free list on disk is the current one)."""
+        if not self.punch_ok:
+            return 0
+        info = env.info()
+        oldest = min(info["last_txnid"], oldest_reader(env.readers()) or 1 << 62)
+        try:
+            fl = read_free_list(self.fd, self.psize, oldest)
+        except (FormatError, OSError):
+            return 0
+        with env.begin() as txn:
+            used = 2 + fl.free_db_pages
+            for st in [env.stat()] + [txn.stat(db) for db in dbs]:  # type: ignore[arg-type]
+                used += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        if fl.txnid != info["last_txnid"] or used + fl.total_free != fl.last_pg + 1:
+            return 0  # not the state we think it is: punch nothing
+        rows = runs(fl.pages, MIN_RUN)
+        keys = {(int(a), int(n)) for a, n in rows.tolist()}
+        fresh = np.array(sorted(keys - self.punched), dtype=np.uint64).reshape(-1, 2)
+        self.punched = keys
+        if not len(fresh):
+            return 0
+        try:
+            ls.punch(self.fd, fresh * np.uint64(self.psize))
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                self.punch_ok = False
+                return 0
+            raise
+        return int(fresh[:, 1].sum()) * self.psize
+
+    def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _merge(r: np.ndarray) -> np.ndarray:
+    """(start, length) rows -> sorted, with overlapping or touching rows merged."""
+    if len(r) < 2:
+        return r
+    r = r[np.argsort(r[:, 0], kind="stable")]
+    ends = r[:, 0] + r[:, 1]
+    run_end = np.maximum.accumulate(ends)
+    new = np.concatenate(([True], r[1:, 0] > run_end[:-1]))
+    idx = np.flatnonzero(new)
+    starts = r[idx, 0]
+    last = np.concatenate((idx[1:], [len(r)])) - 1
+    return np.stack([starts, run_end[last] - starts], axis=1)
