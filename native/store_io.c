@@ -10,7 +10,8 @@
  * MDB_CORRUPTED), and a payload read as zeros fails its CRC. The overlay must not stay:
  * the page may hold data again later (the file re-extended, an EIO that was transient),
  * so vs_guard_repair() maps the file back over the whole range (cheap: it only drops
- * PTEs) once the failed operation has returned.
+ * PTEs) once the failed operation has returned. If the file system refuses that mmap,
+ * the zero pages stay (LMDB keeps seeing corruption there, never wrong data).
  *
  * Chaining. The handler is process-wide; faults outside every registered range go to the
  * handler that was installed before ours, called directly (guest_sig.c's handler
@@ -43,11 +44,12 @@ struct vs_range {
     int fd;
     int repairable;
     atomic_int overlaid;
+    atomic_uint_fast64_t events;
 };
 
 static struct vs_range vs_tab[VS_RANGES];
 static atomic_uint_fast64_t vs_events;
-static __attribute__((tls_model("initial-exec"))) __thread uint64_t vs_thread_events;
+static __attribute__((tls_model("initial-exec"))) __thread volatile uint64_t vs_thread_events;
 static struct sigaction vs_prev[2];
 static atomic_int vs_prev_ix;
 static pthread_mutex_t vs_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -89,6 +91,7 @@ static void vs_sigbus(int sig, siginfo_t *si, void *uc)
                      0) == MAP_FAILED)
                 break;
             atomic_store(&r->overlaid, 1);
+            atomic_fetch_add(&r->events, 1);
             atomic_fetch_add(&vs_events, 1);
             vs_thread_events++;
             errno = saved;
@@ -139,6 +142,7 @@ int vs_guard_add(uint64_t base, uint64_t len, int fd, int repairable)
         r->fd = fd;
         r->repairable = repairable;
         atomic_store(&r->overlaid, 0);
+        atomic_store(&r->events, 0);
         atomic_store(&r->base, (uintptr_t)base); /* published last */
         rc = 0;
         break;
@@ -165,6 +169,14 @@ uint64_t vs_guard_events(void)
     return atomic_load(&vs_events);
 }
 
+uint64_t vs_guard_range_events(uint64_t base)
+{
+    for (int i = 0; i < VS_RANGES; i++)
+        if (atomic_load(&vs_tab[i].base) == (uintptr_t)base)
+            return atomic_load(&vs_tab[i].events);
+    return 0;
+}
+
 uint64_t vs_guard_thread_events(void)
 {
     return vs_thread_events;
@@ -172,7 +184,10 @@ uint64_t vs_guard_thread_events(void)
 
 /* Map the file back over a repairable range that has overlays: 1 if it did, 0 if there
  * was nothing to repair. The same protection and flags as LMDB's own map (PROT_READ,
- * MAP_SHARED, MADV_RANDOM for MDB_NORDAHEAD). */
+ * MAP_SHARED, MADV_RANDOM for MDB_NORDAHEAD). The new map is made elsewhere first and
+ * then moved over the old one with mremap: mmap(MAP_FIXED) straight over it would unmap
+ * the old range before the file system had a chance to refuse (an ext4 that was shut
+ * down fails mmap with EIO), leaving a hole where LMDB expects its map. */
 int vs_guard_repair(uint64_t base)
 {
     int rc = -ENOENT;
@@ -184,14 +199,19 @@ int vs_guard_repair(uint64_t base)
         rc = 0;
         if (!r->repairable || !atomic_exchange(&r->overlaid, 0))
             break;
-        if (mmap((void *)(uintptr_t)base, r->len, PROT_READ, MAP_SHARED | MAP_FIXED, r->fd,
-                 0) == MAP_FAILED) {
+        void *fresh = mmap(NULL, r->len, PROT_READ, MAP_SHARED, r->fd, 0);
+        if (fresh == MAP_FAILED) {
             rc = -errno;
-            atomic_store(&r->overlaid, 1);
-            break;
+        } else if (mremap(fresh, r->len, r->len, MREMAP_MAYMOVE | MREMAP_FIXED,
+                          (void *)(uintptr_t)base) == MAP_FAILED) {
+            rc = -errno;
+            munmap(fresh, r->len);
+        } else {
+            madvise((void *)(uintptr_t)base, r->len, MADV_RANDOM);
+            rc = 1;
         }
-        madvise((void *)(uintptr_t)base, r->len, MADV_RANDOM);
-        rc = 1;
+        if (rc < 0)
+            atomic_store(&r->overlaid, 1);
         break;
     }
     pthread_mutex_unlock(&vs_mu);
@@ -226,18 +246,24 @@ int64_t vs_punch(int fd, const uint64_t *ranges, size_t n)
     return (int64_t)n;
 }
 
-int64_t vs_writeback(int fd, uint64_t map, const uint64_t *ranges, size_t n,
-                     unsigned int flags, int drop)
+/* Fault-around maps up to fault_around_bytes (64 KiB) of cached pages around each read
+ * fault of a file map: a B-tree walk or py-lmdb's preload next to a segment maps that
+ * segment's pages too, and POSIX_FADV_DONTNEED skips mapped pages. So the MADV_DONTNEED
+ * covers `pad` bytes more on each side than the range itself. */
+int64_t vs_writeback(int fd, uint64_t map, uint64_t map_len, const uint64_t *ranges,
+                     size_t n, unsigned int flags, int drop, uint64_t pad)
 {
-    uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uint64_t pg = (uint64_t)sysconf(_SC_PAGESIZE);
     for (size_t i = 0; i < n; i++) {
         uint64_t off = ranges[2 * i], len = ranges[2 * i + 1];
-        if (map) {
-            uintptr_t a = (uintptr_t)(map + off) & ~(pg - 1);
-            uintptr_t e = (uintptr_t)(map + off + len + pg - 1) & ~(pg - 1);
-            if (madvise((void *)a, e - a, MADV_DONTNEED) != 0)
-                return -errno;
-        }
+        /* never past the map: MADV_DONTNEED there would zero whatever is mapped next */
+        uint64_t lo = (off > pad ? off - pad : 0) & ~(pg - 1);
+        uint64_t hi = (off + len + pad + pg - 1) & ~(pg - 1);
+        if (hi > map_len)
+            hi = map_len & ~(pg - 1);
+        if (map && lo < hi && madvise((void *)(uintptr_t)(map + lo), hi - lo,
+                                      MADV_DONTNEED) != 0)
+            return -errno;
         if (flags && sync_file_range(fd, (off_t)off, (off_t)len, flags) != 0)
             return -errno;
         if (drop && (errno = posix_fadvise(fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED)))

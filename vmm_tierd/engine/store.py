@@ -28,6 +28,7 @@ from .store_format import (
     IDX,
     KEY,
     KIND_ZERO,
+    MAX_PAGE,
     PAGE,
     REGION_ID,
     SEGKEY,
@@ -118,11 +119,35 @@ class PageStore(StoreBase):
                            lambda txn, d: self._log.delete(txn, d, keys), bump=True)
 
     def delete_range(self, region: int, first: int, end: int) -> int:
+        """Delete the region's records of pages [first, end): a stop's last step. A
+        failure (StoreWriteError) leaves them for the next start to reclaim."""
         if end <= first:
             return 0
+        self._check_writable(f"delete_range({self.region_name(region)})")
+        self._check_range(region, first, end)
         return self._write(f"delete_range({self.region_name(region)})",
                            lambda txn, d: self._log.delete_range(txn, d, region, first, end),
                            bump=True)
+
+    def _check_range(self, region: int, first: int, end: int) -> None:
+        """Walk the range read-only before deleting it: LMDB's delete rewrites the pages it
+        walks, and on a damaged B-tree that can crash rather than fail. A damaged one
+        marks the store corrupt: no write happens on it again."""
+        stop = KEY.pack(region, end) if end <= MAX_PAGE else KEY.pack(region + 1, 0)
+        s = self._pool.slot()
+        with s.lk:
+            try:
+                cur = self._pool.txn(s).cursor(db=self._idx)
+                if cur.set_range(KEY.pack(region, first)):
+                    for k, v in cur.iternext():
+                        if bytes(k) >= stop:
+                            break
+                        if len(k) != KEY.size or len(v) != IDX.size:
+                            raise lmdb.CorruptedError(f"index entry {bytes(k)!r}")
+            except (lmdb.Error, SystemError) as e:
+                self._pool.drop(s)
+                self._corrupt(f"checking before delete_range: {e}")
+        self._check_writable(f"delete_range({self.region_name(region)})")
 
     def compact(self, max_segments: int = 8) -> int:
         """Rewrite the live records of up to ``max_segments`` sparse segments; how many."""
@@ -157,15 +182,17 @@ class PageStore(StoreBase):
                 if txn is None or s.gen != self._pool.gen:
                     self._data.ensure_guard()  # before this thread touches LMDB's map
                     txn = self._pool.txn(s)
-                iv = txn.get(KEY.pack(region, page), db=self._idx)
+                key = KEY.pack(region, page)
+                iv = txn.get(key, db=self._idx)
                 if iv is None:
                     raise KeyError((region, page))
+                if len(iv) != IDX.size:
+                    raise self._bad_index(region, page, len(iv))
                 sid, off, ln, crc, kind = IDX.unpack(iv)
                 if kind != KIND_ZERO:
                     g = self._log.geo.get(sid)
                     if g is None:
-                        r = self._get_slow(txn, self.region_name(region), page, sid, off, ln,
-                                           crc, kind)
+                        r = self._get_slow(txn, region, page, sid, off, ln, crc, kind)
                         if isinstance(r, RecordError):
                             raise r
                         return r
@@ -175,7 +202,7 @@ class PageStore(StoreBase):
                         payload = None
                     if payload is None or len(payload) != ln:
                         payload = None
-            except lmdb.Error:
+            except (lmdb.Error, SystemError):
                 payload = None
                 kind = -1
         if kind == -1 or (kind != KIND_ZERO and payload is None):
@@ -183,11 +210,9 @@ class PageStore(StoreBase):
             if isinstance(res, KeyError | RecordError):
                 raise res
             return res
-        got, why, err = decode(self._decompressor(), kind, crc, payload or b"")
-        if why:
-            self._problem("get", err, f"{self.path}: record {self.region_name(region)}:"
-                          f"{page}: {why}")
-            raise RecordError(self.region_name(region), page, why, err)
+        got = self._decoded(region, page, kind, crc, payload or b"")
+        if isinstance(got, RecordError):
+            raise got
         return got
 
     def get_many(self, region: int, pages: Sequence[int] | np.ndarray) -> list[Result]:
@@ -201,6 +226,7 @@ class PageStore(StoreBase):
         name = self.region_name(region)
         panic = False
         s = self._pool.slot()
+        faults = self._data.thread_sigbus_events()
         with s.lk:
             try:
                 if s.txn is None or s.gen != self._pool.gen:
@@ -214,21 +240,29 @@ class PageStore(StoreBase):
                     if iv is None:
                         out[i] = KeyError((region, plist[i]))
                         continue
+                    if len(iv) != IDX.size:
+                        out[i] = self._bad_index(region, plist[i], len(iv))
+                        continue
                     sid, off, ln, crc, kind = IDX.unpack(iv)
                     g = geo.get(sid)
                     if kind == KIND_ZERO:
-                        out[i] = self._decoded(name, plist[i], kind, crc, b"")
+                        out[i] = self._decoded(region, plist[i], kind, crc, b"")
                     elif g is not None:
                         reads.append((g[0] + off, ln, i, kind, crc))
                     else:
-                        out[i] = self._get_slow(txn, name, plist[i], sid, off, ln, crc, kind)
+                        out[i] = self._get_slow(txn, region, plist[i], sid, off, ln, crc, kind)
                 reads.sort()
                 for start, length, idx in spans([(r[0], r[1], j) for j, r in enumerate(reads)]):
-                    self._read_span(name, plist, out, start, length, [reads[j] for j in idx])
-            except lmdb.Error as e:
+                    self._read_span(region, plist, out, start, length, [reads[j] for j in idx])
+            except (lmdb.Error, SystemError) as e:  # SystemError: py-lmdb over an LMDB error
                 self._pool.drop(s)
-                self._data.repair()
-                err = lmdb_errno(e)
+                err = lmdb_errno(e.__cause__ or e if isinstance(e, SystemError) else e)
+                if (self._data.thread_sigbus_events() != faults
+                        or self._sigbus() != self._sigbus_seen):
+                    err = errno.EIO  # LMDB read zeros where the file faulted
+                    self._after_sigbus()
+                elif err == errno.EUCLEAN:
+                    self._corrupt(f"reading the index: {e}")
                 panic = isinstance(e, lmdb.PanicError)
                 self._problem("get", err, f"{self.path}: reading the index: {e}")
                 out = [RecordError(name, p, f"lmdb: {e}", err) for p in plist]
@@ -236,15 +270,24 @@ class PageStore(StoreBase):
             return self.get_many(region, pages)
         return out
 
-    def _decoded(self, name: str, page: int, kind: int, crc: int,
+    def _bad_index(self, region: int, page: int, n: int) -> RecordError:
+        why = f"index entry of {n} bytes, not {IDX.size}"
+        self._corrupt(f"{self.region_name(region)}:{page}: {why}")
+        self._problem("get", errno.EBADMSG, f"{self.path}: {self.region_name(region)}:"
+                      f"{page}: {why}")
+        return RecordError(self.region_name(region), page, why, errno.EBADMSG)
+
+    def _decoded(self, region: int, page: int, kind: int, crc: int,
                  payload: bytes | memoryview) -> bytes | RecordError | None:
-        got, why, err = decode(self._decompressor(), kind, crc, payload)
+        got, why, err = decode(self._decompressor(), KEY.pack(region, page), kind, crc,
+                               payload)
         if why:
+            name = self.region_name(region)
             self._problem("get", err, f"{self.path}: record {name}:{page}: {why}")
             return RecordError(name, page, why, err)
         return got
 
-    def _read_span(self, name: str, plist: list[int], out: list[Result], start: int,
+    def _read_span(self, region: int, plist: list[int], out: list[Result], start: int,
                    length: int, reads: list[tuple[int, int, int, int, int]]) -> None:
         try:
             buf: bytes | None = self._data.read(start, length)
@@ -253,23 +296,25 @@ class PageStore(StoreBase):
             if buf is None:
                 err = e.errno or errno.EIO
                 self._problem("get", err, f"{self.path}: reading data.mdb: {e}")
+                name = self.region_name(region)
                 for _, _, i, _, _ in reads:
                     out[i] = RecordError(name, plist[i], f"read failed: {e.strerror}", err)
                 return
         mv = memoryview(cast(bytes, buf))
         for off, ln, i, kind, crc in reads:
-            out[i] = self._decoded(name, plist[i], kind, crc, mv[off - start:off - start + ln])
+            out[i] = self._decoded(region, plist[i], kind, crc, mv[off - start:off - start + ln])
 
-    def _get_slow(self, txn: Any, name: str, page: int, sid: int, off: int, ln: int,
+    def _get_slow(self, txn: Any, region: int, page: int, sid: int, off: int, ln: int,
                   crc: int, kind: int) -> bytes | RecordError | None:
         """A record whose segment's place is not known yet: through LMDB (two lookups)."""
         sv = txn.get(SEGKEY.pack(sid), db=self._seg)
         if sv is None or off + ln > len(sv):
-            return RecordError(name, page, f"segment {sid} missing", errno.EBADMSG)
+            return RecordError(self.region_name(region), page, f"segment {sid} missing",
+                               errno.EBADMSG)
         foff = self._data.offset_of(sv)
         if foff:
             self._log.located(sid, foff, len(sv))
-        return self._decoded(name, page, kind, crc, bytes(sv[off:off + ln]))
+        return self._decoded(region, page, kind, crc, bytes(sv[off:off + ln]))
 
     def release_reader(self) -> None:
         """Let go of this thread's read snapshot if a commit made it stale (kept for

@@ -38,7 +38,7 @@ from .store_format import (
     owner_key,
     region_key,
 )
-from .store_log import SegmentLog, Txn, lmdb_errno, write_error
+from .store_log import DECODE_ERRORS, SegmentLog, Txn, lmdb_errno, write_error
 from .store_read import ReaderPool
 
 T = TypeVar("T")
@@ -74,7 +74,10 @@ class StoreBase:
         self._errors: Counter[str] = Counter()
         self._reopened = 0
         self._last_reopen = 0.0
+        self._sigbus_seen = 0  # of _sigbus(), when last looked at
+        self._sigbus_past = 0  # contained in maps closed since (reopen)
         self._last_trim = 0.0
+        self._trim_due = False
         self.punched_bytes = 0
         self.notes: list[str] = []  # what open found and did (for the log)
         self.reclaimed = 0
@@ -88,7 +91,13 @@ class StoreBase:
                 self._start_afresh()
             else:
                 self._open_env()
-                self._load()
+                try:
+                    self._load()
+                except (lmdb.Error, *DECODE_ERRORS) as e:
+                    raise StoreError(f"{self.path}: store unreadable at open ({e}); it only "
+                                     "holds pages of exited daemons: move it aside to start "
+                                     "afresh", path=str(self.path), op="open",
+                                     err=errno.EUCLEAN) from e
                 self.reclaimed = self._reclaim()
         except BaseException:
             self.close()
@@ -112,17 +121,32 @@ class StoreBase:
             # the flock keeps every other process out, so LMDB's lock file is only ours:
             # gone from the directory, it can't be truncated or replaced by name
             os.unlink("lock.mdb", dir_fd=self._dir.fd)
-            dbs = {n: self._env.open_db(n.encode()) for n in ("meta", "index", "seg", "segmeta")}
-            psize = self._env.stat()["psize"]
-            self._data = DataFile(self._dir, psize)
+            # the guard before anything reads through LMDB's map (opening the DBs does)
+            self._data = DataFile(self._dir, os.sysconf("SC_PAGESIZE"))
         except BaseException:
             self._env.close()
             raise
-        if not self._data.map_len:
+        try:
+            if not self._data.map_len:
+                raise StoreError(f"{self.path}: LMDB's map of data.mdb not found in "
+                                 "/proc/self/maps", path=str(self.path), op="open")
+            faults = self._data.thread_sigbus_events()
+            try:
+                dbs = {n: self._env.open_db(n.encode())
+                       for n in ("meta", "index", "seg", "segmeta")}
+                psize = self._env.stat()["psize"]
+            except (lmdb.Error, *DECODE_ERRORS) as e:
+                raise StoreError(f"{self.path}: can't open the LMDB store: {e}",
+                                 path=str(self.path), op="open", err=lmdb_errno(e)) from e
+            if self._data.thread_sigbus_events() != faults:
+                raise StoreError(f"{self.path}: data.mdb is shorter than LMDB expects or "
+                                 "unreadable (SIGBUS contained)", path=str(self.path),
+                                 op="open", err=errno.EIO)
+        except BaseException:
             self._data.close()
             self._env.close()
-            raise StoreError(f"{self.path}: LMDB's map of data.mdb not found in "
-                             "/proc/self/maps", path=str(self.path), op="open")
+            raise
+        self._data.psize = psize
         self._dbs = dbs
         self._meta, self._idx, self._seg = dbs["meta"], dbs["index"], dbs["seg"]
         pages, below, dead = self._seg_args
@@ -133,9 +157,17 @@ class StoreBase:
 
     def _close_env(self) -> None:
         with self._pool.quiesced():
-            self._pool.env = None
-            self._data.close()  # the SIGBUS guard goes before LMDB unmaps
-            self._env.close()
+            self._close_env_quiesced()
+
+    def _sigbus(self) -> int:
+        """SIGBUS faults contained in this store's maps so far."""
+        return self._sigbus_past + (self._data.sigbus_events() if not self._closed else 0)
+
+    def _close_env_quiesced(self) -> None:
+        self._sigbus_past += self._data.sigbus_events()
+        self._pool.env = None
+        self._data.close()  # the SIGBUS guard goes before LMDB unmaps
+        self._env.close()
         self._closed = True
 
     def _start_afresh(self) -> None:
@@ -153,7 +185,7 @@ class StoreBase:
                     self.reclaimed = self._log.counters.records
                 finally:
                     self._close_env()
-            except (StoreError, lmdb.Error, OSError) as e:
+            except (StoreError, lmdb.Error, OSError, *DECODE_ERRORS) as e:
                 self._regions.clear()
                 self._names.clear()
                 self.notes.append(f"{self.path}/data.mdb was unreadable ({e}); it only "
@@ -163,6 +195,10 @@ class StoreBase:
                     os.unlink(name, dir_fd=self._dir.fd)
                 except FileNotFoundError:
                     pass
+                except OSError as e:
+                    raise StoreError(f"{self.path}: can't replace {name} (records of exited "
+                                     f"daemons): {e.strerror}", path=str(self.path),
+                                     op="open", err=e.errno or errno.EIO) from e
         if self.reclaimed:
             self.notes.append(f"reclaimed {self.reclaimed} store records left by an "
                               "earlier instance")
@@ -224,16 +260,22 @@ class StoreBase:
         self._problem(e.op, e.errno, str(e))
         return e
 
+    def _corrupt(self, what: str) -> None:
+        """LMDB's own structure is damaged: writing on it could make it worse or crash
+        inside LMDB, so no write happens again (the next start replaces the file)."""
+        if self._broken is None:
+            self._broken = (errno.EUCLEAN, f"LMDB found data.mdb corrupt ({what})")
+
     def _check_writable(self, what: str) -> None:
         if self._closed:
             raise StoreWriteError(f"{self.path}: store is closed", path=str(self.path),
                                   op=what, err=errno.EBADF)
         if self._broken is None:
             p = self._dir.problem()
-            if p is None and self._data.repair() and self._truncated():
-                p = (errno.EIO, "data.mdb was truncated under the daemon")
             if p is not None:
                 self._broken = p
+            elif self._sigbus() != self._sigbus_seen:
+                self._after_sigbus()
         if self._broken is not None:
             err, why = self._broken
             raise self._fail(StoreWriteError(
@@ -242,18 +284,36 @@ class StoreBase:
                 path=str(self.path), op=what, err=err))
 
     def _truncated(self) -> bool:
+        """Is data.mdb shorter than LMDB's last page?"""
         try:
             return self._data.size() < (self._env.info()["last_pgno"] + 1) * self._data.psize
         except (OSError, lmdb.Error):
             return True
 
+    def _after_sigbus(self) -> None:
+        """Reads of LMDB's map faulted (SIGBUS contained): restore the map, and write no
+        more. The file is truncated or the disk fails reads; either way a write txn would
+        build on pages LMDB can't read, and LMDB asserts (aborts the process) on some of
+        the zero pages it would see there. Reads go on; a restart replaces the file."""
+        self._sigbus_seen = self._sigbus()
+        self._data.repair()
+        if self._broken is None:
+            if self._data.map_damaged:
+                why = "LMDB's map of data.mdb can't be restored after a read error"
+            elif self._truncated():
+                why = "data.mdb was truncated under the daemon"
+            else:
+                why = "reading data.mdb failed (I/O error)"
+            self._broken = (errno.EIO, why + "; the store is read-only until a restart")
+
     def _reopen(self) -> None:
         """After MDB_PANIC (LMDB refuses every txn once a meta write failed): open the
         environment again. Caller holds the write lock."""
         self._last_reopen = time.monotonic()
-        self._close_env()
-        self._open_env()
-        self._load()
+        with self._pool.quiesced():  # readers wait (they don't see a closed store)
+            self._close_env_quiesced()
+            self._open_env()
+            self._load()
         self._reopened += 1
 
     def _recover(self) -> bool:
@@ -290,21 +350,30 @@ class StoreBase:
                     txn.abort()
                     raise
                 txn.commit()
-            except _Faulted:
-                data.repair()
-                if self._truncated():
-                    self._broken = (errno.EIO, "data.mdb was truncated under the daemon")
+            except DECODE_ERRORS as e:  # records didn't decode
+                why: BaseException = e
+                if isinstance(e, SystemError) and isinstance(e.__cause__, lmdb.Error):
+                    why = e.__cause__  # py-lmdb raised this over LMDB's own error
+                self._corrupt(f"{what}: {why}")
                 raise self._fail(StoreWriteError(
-                    f"{self.path}: {what} failed, nothing of it was written: reading "
-                    "data.mdb faulted (SIGBUS contained: truncated or unreadable)",
-                    path=str(self.path), op=what, err=errno.EIO)) from None
-            except lmdb.MapFullError as e:
-                raise self._fail(StoreFullError(
-                    f"{self.path}: LMDB map full during {what}, nothing of it was written; "
-                    f"raise store.map_size (now {self.map_size})", path=str(self.path),
-                    op=what, err=errno.ENOSPC)) from e
-            except (lmdb.Error, OSError) as e:
+                    f"{self.path}: {what} failed, nothing of it was written: the store's "
+                    f"records are corrupt ({why}); they are reclaimed at the next start",
+                    path=str(self.path), op=what, err=errno.EUCLEAN)) from e
+            except (_Faulted, lmdb.Error, OSError) as e:
+                if data.thread_sigbus_events() != faults:  # whatever LMDB made of zeros
+                    self._after_sigbus()
+                    raise self._fail(StoreWriteError(
+                        f"{self.path}: {what} failed, nothing of it was written: reading "
+                        "data.mdb faulted (SIGBUS contained: truncated or unreadable)",
+                        path=str(self.path), op=what, err=errno.EIO)) from None
+                if isinstance(e, lmdb.MapFullError):
+                    raise self._fail(StoreFullError(
+                        f"{self.path}: LMDB map full during {what}, nothing of it was "
+                        f"written; raise store.map_size (now {self.map_size})",
+                        path=str(self.path), op=what, err=errno.ENOSPC)) from e
                 err = write_error(self.path, what, e)
+                if err.errno == errno.EUCLEAN and not isinstance(e, lmdb.PanicError):
+                    self._corrupt(f"{what}: {e}")
                 if isinstance(e, lmdb.PanicError):
                     try:
                         self._reopen()
@@ -353,11 +422,13 @@ class StoreBase:
                             written.append(self._data.value_pages(off, vlen))
             self._data.after_commit(written, gone)
             now = time.monotonic()
-            if now - self._last_trim >= TRIM_EVERY:
+            if self._trim_due or now - self._last_trim >= TRIM_EVERY:
                 st = os.fstat(self._data.fd)
                 if st.st_blocks * 512 > self._used_bytes() + TRIM_SLACK:
                     self._last_trim = now
-                    self.punched_bytes += self._data.trim(self._env, list(self._dbs.values()))
+                    punched, waiting = self._data.trim(self._env, list(self._dbs.values()))
+                    self.punched_bytes += punched
+                    self._trim_due = waiting > TRIM_SLACK  # freed just now: next commit
         except (OSError, lmdb.Error) as e:
             self._problem("write-behind", lmdb_errno(e), f"{self.path}: after a commit: {e}")
 
@@ -394,8 +465,9 @@ class StoreBase:
         with self._wlock:
             if not self._closed and self._broken is None:
                 p = self._dir.problem()
-                if p is None and self._data.repair() and self._truncated():
-                    p = (errno.EIO, "data.mdb was truncated under the daemon")
+                if p is None and self._sigbus() != self._sigbus_seen:
+                    self._after_sigbus()
+                    p = self._broken
                 if p is not None:
                     self._broken = p
                     self._problem("health", p[0], f"{self.path}: {p[1]}")
@@ -405,7 +477,7 @@ class StoreBase:
             writable=self._broken is None and not self._closed,
             reason=self._broken[1] if self._broken else ("closed" if self._closed else ""),
             last_error=self._last, errors=dict(self._errors),
-            sigbus=DataFile.sigbus_events(), reopened=self._reopened)
+            sigbus=self._sigbus(), reopened=self._reopened)
 
     def close(self) -> None:
         with self._wlock:

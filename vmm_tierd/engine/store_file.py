@@ -5,10 +5,10 @@
 - What LMDB still reads through its map (B-tree pages) is covered by the SIGBUS guard of
   vmm_tierd.kernel.linux_store: a page past EOF or failing to read reads as zeros, LMDB
   reports corruption, ``repair()`` maps the file back.
-- Page cache: each commit starts writeback of the segments it wrote (sync_file_range), and
-  drops the previous commit's (then written back) plus the pages of records deleted or
-  segments freed (POSIX_FADV_DONTNEED, after MADV_DONTNEED of any PTE of LMDB's map). The
-  B-tree pages stay cached: every lookup needs them, and they are ~3% of the store.
+- Page cache: each commit starts writeback of what it wrote (sync_file_range), and drops
+  the previous commit's (then written back) plus the pages of records deleted or segments
+  freed (POSIX_FADV_DONTNEED, after MADV_DONTNEED of any PTE of LMDB's map); see
+  ``after_commit`` for why that takes B-tree pages near new segments along.
 - Disk: ``trim()`` punches LMDB's reusable free runs (store_free), so the file uses
   what its live pages need, though LMDB never shrinks it.
 """
@@ -30,6 +30,7 @@ from .store_free import FormatError, oldest_reader, read_free_list, runs
 PAGEHDR = 16  # an overflow value starts 16 bytes into its first page
 MIN_RUN = 4  # free runs shorter than this are reused at once by B-tree copies: keep them
 WAIT = ls.SYNC_WAIT_BEFORE | ls.SYNC_WRITE | ls.SYNC_WAIT_AFTER
+FOLIO = 2 << 20  # the largest page-cache folio a buffered write makes (PMD size)
 
 
 def _mapping(fd: int) -> tuple[int, int]:
@@ -60,6 +61,7 @@ class DataFile:
         self.pending = np.zeros((0, 2), dtype=np.uint64)  # written, drop at next commit
         self.punched: set[tuple[int, int]] = set()
         self.punch_ok = True
+        self.map_damaged = False
 
     # ---- reads -----------------------------------------------------------------------
     def read(self, off: int, n: int) -> bytes:
@@ -72,10 +74,11 @@ class DataFile:
     def read_mapped(self, off: int, n: int) -> bytes | None:
         """The same bytes through LMDB's map (what the page cache still holds when the
         file system refuses reads, e.g. after an ext4 shutdown); None if that faults."""
-        if not self.map_len or off + n > self.map_len:
-            return None
+        if not self.map_len or off + n > self.map_len or self.map_damaged:
+            return None  # damaged: zero pages may remain where reads faulted
         got = ls.copy_guarded(self.map_base + off, n)
-        self.repair()
+        if self.repair() and self.map_damaged:
+            return None
         return got
 
     def offset_of(self, value: memoryview) -> int:
@@ -101,16 +104,25 @@ class DataFile:
     def ensure_guard() -> None:
         ls.guard_ensure()
 
-    @staticmethod
-    def sigbus_events() -> int:
-        return ls.guard_events()
+    def sigbus_events(self) -> int:
+        """SIGBUS faults contained in this map of the file."""
+        return self.guard.events() if self.guard is not None else 0
 
     @staticmethod
     def thread_sigbus_events() -> int:
         return ls.guard_thread_events()
 
     def repair(self) -> bool:
-        return self.guard.repair() if self.guard is not None else False
+        """Map the file back where SIGBUS left zero pages; True if there were any. If the
+        file system refuses the mmap (shut down), the zero pages stay: LMDB then finds
+        those pages corrupt, and ``map_damaged`` keeps every write away."""
+        if self.guard is None:
+            return False
+        try:
+            return self.guard.repair()
+        except OSError:
+            self.map_damaged = True
+            return True
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -118,15 +130,27 @@ class DataFile:
     # ---- page cache ------------------------------------------------------------------
     def after_commit(self, written: list[tuple[int, int]], gone: list[tuple[int, int]]
                      ) -> None:
-        """Start writeback of this commit's segments; drop the last commit's, and the
-        pages of what this one deleted or freed."""
-        new = np.array(written, dtype=np.uint64).reshape(-1, 2)
-        if len(new):  # py-lmdb's preload (learning the offsets) mapped them: unmap
-            ls.writeback(self.fd, new, map_base=self.map_base, sync_flags=ls.SYNC_WRITE)
-        old = np.concatenate([self.pending, np.array(gone, dtype=np.uint64).reshape(-1, 2)])
+        """Start writeback of what this commit wrote; drop the last commit's (written back
+        by now), and the pages of what this one deleted or freed.
+
+        LMDB writes runs of dirty pages with one pwritev, and ext4 caches such writes in
+        large folios (up to 2 MiB) that hold segments and B-tree pages alike; a folio is
+        dropped whole or not at all (POSIX_FADV_DONTNEED skips one that sticks out of the
+        range, or that any PTE maps). So written ranges are widened to 2 MiB and their PTEs
+        in LMDB's map dropped first: B-tree pages in there are read again when a lookup
+        needs them, as small folios (the map is MADV_RANDOM). Deleted payloads were read
+        with pread (small folios too) and are dropped exactly."""
+        new = _merge(_widen(np.array(written, dtype=np.uint64).reshape(-1, 2), FOLIO))
+        if len(new):
+            ls.writeback(self.fd, new, sync_flags=ls.SYNC_WRITE)
+        old = self.pending
         self.pending = new
         if len(old):
-            ls.writeback(self.fd, _merge(old), map_base=self.map_base, sync_flags=WAIT,
+            ls.writeback(self.fd, old, map_base=self.map_base, map_len=self.map_len,
+                         sync_flags=WAIT, drop=True)
+        if gone:
+            ls.writeback(self.fd, _merge(np.array(gone, dtype=np.uint64).reshape(-1, 2)),
+                         map_base=self.map_base, map_len=self.map_len, sync_flags=WAIT,
                          drop=True)
 
     def cache(self) -> ls.CacheStat | None:
@@ -136,37 +160,39 @@ class DataFile:
             return None
 
     # ---- disk ------------------------------------------------------------------------
-    def trim(self, env: lmdb.Environment, dbs: list[object]) -> int:
-        """Punch LMDB's reusable free runs; bytes newly punched. Caller holds the write
-        lock (no write txn runs, so the free list on disk is the current one)."""
+    def trim(self, env: lmdb.Environment, dbs: list[object]) -> tuple[int, int]:
+        """Punch LMDB's reusable free runs. Returns bytes newly punched, and bytes free but
+        not punchable yet (a reader or the last commit may still see them). Caller holds
+        the write lock (no write txn runs, so the free list on disk is the current one)."""
         if not self.punch_ok:
-            return 0
+            return 0, 0
         info = env.info()
         oldest = min(info["last_txnid"], oldest_reader(env.readers()) or 1 << 62)
         try:
             fl = read_free_list(self.fd, self.psize, oldest)
         except (FormatError, OSError):
-            return 0
+            return 0, 0
         with env.begin() as txn:
             used = 2 + fl.free_db_pages
             for st in [env.stat()] + [txn.stat(db) for db in dbs]:  # type: ignore[arg-type]
                 used += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         if fl.txnid != info["last_txnid"] or used + fl.total_free != fl.last_pg + 1:
-            return 0  # not the state we think it is: punch nothing
+            return 0, 0  # not the state we think it is: punch nothing
+        waiting = (fl.total_free - len(fl.pages)) * self.psize
         rows = runs(fl.pages, MIN_RUN)
         keys = {(int(a), int(n)) for a, n in rows.tolist()}
         fresh = np.array(sorted(keys - self.punched), dtype=np.uint64).reshape(-1, 2)
         self.punched = keys
         if not len(fresh):
-            return 0
+            return 0, waiting
         try:
             ls.punch(self.fd, fresh * np.uint64(self.psize))
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 self.punch_ok = False
-                return 0
+                return 0, 0
             raise
-        return int(fresh[:, 1].sum()) * self.psize
+        return int(fresh[:, 1].sum()) * self.psize, waiting
 
     def close(self) -> None:
         if self.guard is not None:
@@ -175,6 +201,14 @@ class DataFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _widen(r: np.ndarray, align: int) -> np.ndarray:
+    """(start, length) rows grown outwards to multiples of ``align``."""
+    a = np.uint64(align)
+    lo = r[:, 0] // a * a
+    hi = (r[:, 0] + r[:, 1] + a - np.uint64(1)) // a * a
+    return np.stack([lo, hi - lo], axis=1) if len(r) else r
 
 
 def _merge(r: np.ndarray) -> np.ndarray:

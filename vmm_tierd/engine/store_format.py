@@ -31,7 +31,6 @@ PAGE = 4096
 KIND_ZERO, KIND_ZSTD, KIND_RAW = 0, 1, 2
 KIND_NAMES = {KIND_ZERO: "zero", KIND_ZSTD: "zstd", KIND_RAW: "raw"}
 RAW_THRESHOLD = 4000  # a compressed page this big or bigger is stored raw
-ZERO_CRC = zlib.crc32(bytes(PAGE))
 SYNC_MODES = ("commit", "periodic", "none")
 
 KEY = struct.Struct(">IQ")  # region, page: big-endian so a region's pages sort together
@@ -43,7 +42,14 @@ COUNT = struct.Struct("<I")
 COUNTERS = struct.Struct("<QQQQ")  # records, zero records, raw records, compressed bytes
 REGION_ID = struct.Struct("<I")
 MAX_PAGE = (1 << 64) - 1
-ZERO_IDX = IDX.pack(0, 0, 0, ZERO_CRC, KIND_ZERO)
+
+
+def record_crc(key: bytes, page: bytes | memoryview | None) -> int:
+    """A record's CRC: of its index key, then of the page (no page for a zero record).
+    Keyed, so that a damaged index that hands out another page's record (a flipped key
+    byte) fails the check instead of returning the other page's bytes."""
+    seed = crc32(key)
+    return seed if page is None else crc32(page, seed)
 
 
 class StoreError(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -30,13 +31,12 @@ from .store_format import (
     SEGKEY,
     SEGMETA,
     SEGMETA_V1,
-    ZERO_IDX,
     Counters,
     Delta,
     StoreFullError,
     StoreWriteError,
-    crc32,
     encode_segment,
+    record_crc,
     segment_keys,
 )
 
@@ -309,7 +309,7 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
     for j, page in zip(order.tolist(), srt.tolist(), strict=True):
         key = pack(region, page)
         if not nz[j]:
-            items.append((key, ZERO_IDX))
+            items.append((key, ipack(0, 0, 0, record_crc(key, None), KIND_ZERO)))
             zero += 1
             continue
         p = mv[j * PAGE:(j + 1) * PAGE]
@@ -321,7 +321,7 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
             segs.append((sid, encode_segment(payloads, keys), size))
             total += size
             sid, size, payloads, keys = log.new_id(), 0, [], []
-        items.append((key, ipack(sid, size, ln, crc32(p), kind)))
+        items.append((key, ipack(sid, size, ln, record_crc(key, p), kind)))
         payloads.append(c)
         keys.append(key)
         size += ln
@@ -330,6 +330,10 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
         total += size
     return segs, items, Counters(len(items), zero, raw, total)
 
+
+# what decoding a damaged record can raise (SystemError: py-lmdb reporting LMDB's error
+# badly, with the lmdb.Error as its __cause__)
+DECODE_ERRORS = (struct.error, ValueError, IndexError, UnicodeDecodeError, SystemError)
 
 _STRERROR = {os.strerror(e): e for e in sorted(errno.errorcode, reverse=True)}
 # LMDB's own codes: its file is corrupt, or it can't go on (MDB_PANIC: a meta page write

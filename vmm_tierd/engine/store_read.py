@@ -19,7 +19,7 @@ from typing import Any
 import lmdb
 import zstandard
 
-from .store_format import KIND_RAW, KIND_ZERO, KIND_ZSTD, PAGE, ZERO_CRC, crc32
+from .store_format import KIND_RAW, KIND_ZERO, KIND_ZSTD, PAGE, crc32
 
 
 class Slot:
@@ -100,23 +100,26 @@ class ReaderPool:
                 s.lk.release()
 
 
-def decode(dctx: zstandard.ZstdDecompressor, kind: int, crc: int,
+def decode(dctx: zstandard.ZstdDecompressor, key: bytes, kind: int, crc: int,
            payload: bytes | memoryview) -> tuple[bytes | None, str, int]:
-    """(page, "", 0); (None, "", 0) for a zero page; or (None, reason, errno)."""
+    """(page, "", 0); (None, "", 0) for a zero page; or (None, reason, errno). The CRC
+    covers the key too (store_format.record_crc)."""
+    seed = crc32(key)
     if kind == KIND_ZERO:
-        return (None, "", 0) if crc == ZERO_CRC else (None, "checksum mismatch", errno.EBADMSG)
+        return (None, "", 0) if crc == seed else (None, "checksum mismatch", errno.EBADMSG)
     if kind == KIND_ZSTD:
         try:
             out = dctx.decompress(payload, max_output_size=PAGE)
-        except zstandard.ZstdError as e:
-            return None, f"decompress failed: {e}", errno.EBADMSG
+        except (zstandard.ZstdError, MemoryError) as e:  # garbage can ask for any window
+            return None, f"decompress failed: {e or 'frame needs too much memory'}", \
+                errno.EBADMSG
     elif kind == KIND_RAW:
         out = bytes(payload)
     else:
         return None, f"unknown record kind {kind}", errno.EBADMSG
     if len(out) != PAGE:
         return None, f"{len(out)} bytes, not {PAGE}", errno.EBADMSG
-    if crc32(out) != crc:
+    if crc32(out, seed) != crc:
         return None, "checksum mismatch", errno.EBADMSG
     return out, "", 0
 

@@ -37,6 +37,10 @@ class MapGuard:
         self.length = length
         self.closed = False
 
+    def events(self) -> int:
+        """SIGBUS faults contained in this range so far."""
+        return int(lib.vs_guard_range_events(self.base))
+
     def repair(self) -> bool:
         """Map the file back over pages that faulted; True if there were any."""
         return bool(_check(lib.vs_guard_repair(self.base), "remap after SIGBUS"))
@@ -94,10 +98,14 @@ def punch(fd: int, ranges: np.ndarray) -> int:
     return _check(lib.vs_punch(fd, buf, n), "fallocate(PUNCH_HOLE)")
 
 
-def writeback(fd: int, ranges: np.ndarray, *, map_base: int = 0, sync_flags: int = 0,
-              drop: bool = False) -> int:
-    """For each (offset, length) row: MADV_DONTNEED of the map's pages there (``map_base``
-    != 0), sync_file_range(``sync_flags``), POSIX_FADV_DONTNEED (``drop``)."""
+FAULT_AROUND = 64 << 10  # /sys/kernel/mm/...: fault_around_bytes' default and maximum
+
+
+def writeback(fd: int, ranges: np.ndarray, *, map_base: int = 0, map_len: int = 0,
+              sync_flags: int = 0, drop: bool = False) -> int:
+    """For each (offset, length) row: MADV_DONTNEED of the pages of the map at
+    ``map_base`` (``map_len`` bytes long) there and within FAULT_AROUND of it,
+    sync_file_range(``sync_flags``), POSIX_FADV_DONTNEED (``drop``)."""
     buf, n = _ranges(ranges)
-    return _check(lib.vs_writeback(fd, map_base, buf, n, sync_flags, int(drop)),
-                  "write-behind")
+    return _check(lib.vs_writeback(fd, map_base, map_len, buf, n, sync_flags, int(drop),
+                                   FAULT_AROUND), "write-behind")
