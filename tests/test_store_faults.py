@@ -103,7 +103,8 @@ def test_disk_io_errors(tmp_path: Path) -> None:
         r = s.region_id("g")
         data = mixed(600)
         put(s, r, list(range(600)), data)
-        put(s, r, [5000], mixed(1))  # a second commit: the first batch is written back
+        for p in range(5000, 5003):  # more commits: the first batch is written back
+            put(s, r, [p], mixed(1, p))
         drop_cache(fs.mnt / "store" / "data.mdb")
         check(s, r, {p: data[p] for p in range(100)})  # these are cached again
         sigbus = s.health().sigbus

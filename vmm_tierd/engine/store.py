@@ -22,12 +22,15 @@ from typing import Any, cast
 
 import lmdb
 import numpy as np
+import zstandard
 
 from .store_base import StoreBase
 from .store_format import (
     IDX,
     KEY,
+    KIND_RAW,
     KIND_ZERO,
+    KIND_ZSTD,
     MAX_PAGE,
     PAGE,
     REGION_ID,
@@ -41,6 +44,7 @@ from .store_format import (
     StoreHealth,
     StoreStats,
     StoreWriteError,
+    crc32,
     owner_key,
     region_key,
 )
@@ -156,6 +160,26 @@ class PageStore(StoreBase):
         return self._write("compact", lambda txn, d: self._log.compact(
             txn, d, self._read_segment, max_segments), bump=True)
 
+    def trim(self) -> int:
+        """Give LMDB's free pages back to the file system (punch holes); bytes punched.
+        Commits do it for what they freed; this also re-punches pages LMDB reused and freed
+        again in between. Call it from a maintenance step, e.g. once a cycle in a worker
+        thread (it waits for the write lock). It commits an empty txn first, so that pages
+        freed by the last commit can go too."""
+        with self._wlock:
+            if self._closed or self._broken is not None:
+                return 0
+            try:
+                with self._env.begin(write=True) as txn:
+                    txn.put(b"counters", self._log.counters.pack(), db=self._meta)
+                self._pool.committed()
+                punched, _ = self._data.trim(self._env, list(self._dbs.values()), full=True)
+            except (lmdb.Error, OSError) as e:
+                self._problem("trim", lmdb_errno(e), f"{self.path}: trim: {e}")
+                return 0
+            self.punched_bytes += punched
+            return punched
+
     def _read_segment(self, txn: Txn, sid: int) -> bytes | memoryview | None:
         """A segment's whole value for compaction: pread where it is known (no map
         touched, nothing left mapped), else through LMDB."""
@@ -173,47 +197,44 @@ class PageStore(StoreBase):
     def get(self, region: int, page: int) -> bytes | None:
         """The page; None for a zero page. KeyError: no record. RecordError: the record
         can't be read (poison the page); nothing else fails. The fault path's one call:
-        one index lookup in this thread's reused read txn, one pread."""
-        s = self._pool.slot()
-        payload: bytes | None = None
+        one index lookup in this thread's reused read txn, one pread. Anything unusual
+        goes to ``get_many``, which says precisely what is wrong."""
+        pool = self._pool
+        s = pool.slot()
+        key = KEY.pack(region, page)
+        payload = None
         with s.lk:
             try:
                 txn = s.txn
-                if txn is None or s.gen != self._pool.gen:
+                if txn is None or s.gen != pool.gen:
                     self._data.ensure_guard()  # before this thread touches LMDB's map
-                    txn = self._pool.txn(s)
-                key = KEY.pack(region, page)
+                    txn = pool.txn(s)
                 iv = txn.get(key, db=self._idx)
                 if iv is None:
                     raise KeyError((region, page))
-                if len(iv) != IDX.size:
-                    raise self._bad_index(region, page, len(iv))
-                sid, off, ln, crc, kind = IDX.unpack(iv)
-                if kind != KIND_ZERO:
+                if len(iv) == IDX.size:
+                    sid, off, ln, crc, kind = IDX.unpack(iv)
+                    if kind == KIND_ZERO and crc == crc32(key):
+                        return None
                     g = self._log.geo.get(sid)
-                    if g is None:
-                        r = self._get_slow(txn, region, page, sid, off, ln, crc, kind)
-                        if isinstance(r, RecordError):
-                            raise r
-                        return r
-                    try:
+                    if g is not None:
                         payload = os.pread(self._data.fd, ln, g[0] + off)
-                    except OSError:
-                        payload = None
-                    if payload is None or len(payload) != ln:
-                        payload = None
-            except (lmdb.Error, SystemError):
+            except (lmdb.Error, SystemError, OSError):
                 payload = None
-                kind = -1
-        if kind == -1 or (kind != KIND_ZERO and payload is None):
-            res = self.get_many(region, (page,))[0]  # the careful path says what is wrong
-            if isinstance(res, KeyError | RecordError):
-                raise res
-            return res
-        got = self._decoded(region, page, kind, crc, payload or b"")
-        if isinstance(got, RecordError):
-            raise got
-        return got
+        if payload is not None and len(payload) == ln:
+            try:
+                if kind == KIND_ZSTD:
+                    out = s.dctx.decompress(payload, max_output_size=PAGE)
+                    if len(out) == PAGE and crc32(out, crc32(key)) == crc:
+                        return out
+                elif kind == KIND_RAW and ln == PAGE and crc32(payload, crc32(key)) == crc:
+                    return payload
+            except (zstandard.ZstdError, MemoryError):
+                pass
+        res = self.get_many(region, (page,))[0]
+        if isinstance(res, KeyError | RecordError):
+            raise res
+        return res
 
     def get_many(self, region: int, pages: Sequence[int] | np.ndarray) -> list[Result]:
         """Pages of one region in one read txn (keys sorted, nearby payloads read with one
@@ -279,7 +300,7 @@ class PageStore(StoreBase):
 
     def _decoded(self, region: int, page: int, kind: int, crc: int,
                  payload: bytes | memoryview) -> bytes | RecordError | None:
-        got, why, err = decode(self._decompressor(), KEY.pack(region, page), kind, crc,
+        got, why, err = decode(self._pool.slot().dctx, KEY.pack(region, page), kind, crc,
                                payload)
         if why:
             name = self.region_name(region)

@@ -43,8 +43,9 @@ from .store_read import ReaderPool
 
 T = TypeVar("T")
 
-TRIM_EVERY = 1.0  # s between free-page punches, at most
-TRIM_SLACK = 4 << 20  # punch once the file holds this much more than LMDB uses
+TRIM_EVERY = 0.0  # s between free-page punches after commits, at least
+TRIM_SLACK = 1 << 20  # punch once the file holds this much more than LMDB uses,
+TRIM_SHARE = 0.01  # or this share of it (free pages LMDB reuses soon cost a punch each)
 
 
 class _Faulted(Exception):
@@ -424,7 +425,8 @@ class StoreBase:
             now = time.monotonic()
             if self._trim_due or now - self._last_trim >= TRIM_EVERY:
                 st = os.fstat(self._data.fd)
-                if st.st_blocks * 512 > self._used_bytes() + TRIM_SLACK:
+                used = self._used_bytes()
+                if st.st_blocks * 512 > used + max(TRIM_SLACK, TRIM_SHARE * used):
                     self._last_trim = now
                     punched, waiting = self._data.trim(self._env, list(self._dbs.values()))
                     self.punched_bytes += punched
@@ -438,12 +440,6 @@ class StoreBase:
             c = self._local.cctx = zstandard.ZstdCompressor(
                 level=self.zstd_level, write_content_size=False, write_checksum=False)
         return c
-
-    def _decompressor(self) -> zstandard.ZstdDecompressor:
-        d = getattr(self._local, "dctx", None)
-        if d is None:
-            d = self._local.dctx = zstandard.ZstdDecompressor()
-        return d
 
     def _used_bytes(self) -> int:
         """LMDB pages in use by the trees (the file minus LMDB's free pages)."""

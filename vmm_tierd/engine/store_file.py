@@ -28,9 +28,12 @@ from .store_format import PAGE
 from .store_free import FormatError, oldest_reader, read_free_list, runs
 
 PAGEHDR = 16  # an overflow value starts 16 bytes into its first page
-MIN_RUN = 4  # free runs shorter than this are reused at once by B-tree copies: keep them
+# Free runs at least this long are punched after commits; a full trim() punches all. A
+# punch costs ext4 ~50 us per range, and LMDB reuses short runs at once for B-tree pages.
+MIN_RUN = 8
 WAIT = ls.SYNC_WAIT_BEFORE | ls.SYNC_WRITE | ls.SYNC_WAIT_AFTER
 FOLIO = 2 << 20  # the largest page-cache folio a buffered write makes (PMD size)
+BEHIND = 2  # commits whose writes may still be cached: their writeback has time to end
 
 
 def _mapping(fd: int) -> tuple[int, int]:
@@ -58,8 +61,8 @@ class DataFile:
         self.guard: ls.MapGuard | None = None
         if self.map_len:
             self.guard = ls.MapGuard(self.map_base, self.map_len, self.fd)
-        self.pending = np.zeros((0, 2), dtype=np.uint64)  # written, drop at next commit
-        self.punched: set[tuple[int, int]] = set()
+        self.pending: list[np.ndarray] = []  # written by the last commits, to drop
+        self.punched = np.zeros(0, dtype=bool)  # per LMDB page: a hole we punched
         self.punch_ok = True
         self.map_damaged = False
 
@@ -130,8 +133,8 @@ class DataFile:
     # ---- page cache ------------------------------------------------------------------
     def after_commit(self, written: list[tuple[int, int]], gone: list[tuple[int, int]]
                      ) -> None:
-        """Start writeback of what this commit wrote; drop the last commit's (written back
-        by now), and the pages of what this one deleted or freed.
+        """Start writeback of what this commit wrote; drop what the commit BEHIND commits
+        ago wrote (written back by now), and the pages of what this one deleted or freed.
 
         LMDB writes runs of dirty pages with one pwritev, and ext4 caches such writes in
         large folios (up to 2 MiB) that hold segments and B-tree pages alike; a folio is
@@ -143,9 +146,9 @@ class DataFile:
         new = _merge(_widen(np.array(written, dtype=np.uint64).reshape(-1, 2), FOLIO))
         if len(new):
             ls.writeback(self.fd, new, sync_flags=ls.SYNC_WRITE)
-        old = self.pending
-        self.pending = new
-        if len(old):
+        self.pending.append(new)
+        old = self.pending.pop(0) if len(self.pending) > BEHIND else None
+        if old is not None and len(old):
             ls.writeback(self.fd, old, map_base=self.map_base, map_len=self.map_len,
                          sync_flags=WAIT, drop=True)
         if gone:
@@ -160,10 +163,12 @@ class DataFile:
             return None
 
     # ---- disk ------------------------------------------------------------------------
-    def trim(self, env: lmdb.Environment, dbs: list[object]) -> tuple[int, int]:
-        """Punch LMDB's reusable free runs. Returns bytes newly punched, and bytes free but
-        not punchable yet (a reader or the last commit may still see them). Caller holds
-        the write lock (no write txn runs, so the free list on disk is the current one)."""
+    def trim(self, env: lmdb.Environment, dbs: list[object], full: bool = False
+             ) -> tuple[int, int]:
+        """Punch LMDB's reusable free pages. Returns bytes newly punched, and bytes free
+        but not punchable yet (a reader or the last commit may still see them). Caller
+        holds the write lock (no write txn runs: the free list on disk is the current
+        one). ``full``: also re-punch free pages that may have been reused meanwhile."""
         if not self.punch_ok:
             return 0, 0
         info = env.info()
@@ -179,20 +184,41 @@ class DataFile:
         if fl.txnid != info["last_txnid"] or used + fl.total_free != fl.last_pg + 1:
             return 0, 0  # not the state we think it is: punch nothing
         waiting = (fl.total_free - len(fl.pages)) * self.psize
-        rows = runs(fl.pages, MIN_RUN)
-        keys = {(int(a), int(n)) for a, n in rows.tolist()}
-        fresh = np.array(sorted(keys - self.punched), dtype=np.uint64).reshape(-1, 2)
-        self.punched = keys
-        if not len(fresh):
-            return 0, waiting
+        free = np.zeros(fl.last_pg + 1, dtype=bool)
+        for a, n in runs(fl.pages, 1 if full else MIN_RUN).tolist():
+            free[a:a + n] = True
+        # Punch only what isn't a hole yet. A page free now and at the last trim is
+        # taken to be a hole still; but LMDB may have reused and freed it again in
+        # between (written, so not a hole: rare when this runs after every commit). With
+        # ``full``, the file's block count tells: if it holds more than the pages in use
+        # plus the unpunchable ones, every free page is punched again.
+        old = self.punched
+        if len(old) < len(free):
+            old = np.concatenate([old, np.zeros(len(free) - len(old), dtype=bool)])
+        old = old[:len(free)] & free
+        done = self._punch(free & ~old)
+        if done < 0:
+            return 0, 0
+        expect = (used + fl.total_free - len(fl.pages)) * self.psize
+        if full and os.fstat(self.fd).st_blocks * 512 > expect + (1 << 20):
+            more = self._punch(free & old)
+            done += max(more, 0)
+        self.punched = free
+        return done, waiting
+
+    def _punch(self, pages: np.ndarray) -> int:
+        """Punch the pages set in a per-page mask; bytes, or -1 if the file system can't."""
+        rows = runs(np.flatnonzero(pages).astype(np.uint64), 1)
+        if not len(rows):
+            return 0
         try:
-            ls.punch(self.fd, fresh * np.uint64(self.psize))
+            ls.punch(self.fd, rows * np.uint64(self.psize))
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 self.punch_ok = False
-                return 0, 0
+                return -1
             raise
-        return int(fresh[:, 1].sum()) * self.psize, waiting
+        return int(rows[:, 1].sum()) * self.psize
 
     def close(self) -> None:
         if self.guard is not None:

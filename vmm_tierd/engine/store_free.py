@@ -108,7 +108,7 @@ def read_free_list(fd: int, psize: int, oldest: int) -> FreeList:
             total += n
             if key < oldest:
                 usable.append(idl[1:1 + n])
-    pages = np.unique(np.concatenate(usable)) if usable else np.zeros(0, np.uint64)
+    pages = np.sort(np.concatenate(usable)) if usable else np.zeros(0, np.uint64)
     if len(pages) and int(pages[-1]) > last_pg:
         raise FormatError(f"free page {int(pages[-1])} beyond the last page {last_pg}")
     return FreeList(txnid, last_pg, tree_pages, pages, total)

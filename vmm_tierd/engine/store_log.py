@@ -35,6 +35,7 @@ from .store_format import (
     Delta,
     StoreFullError,
     StoreWriteError,
+    crc32,
     encode_segment,
     record_crc,
     segment_keys,
@@ -299,7 +300,7 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
     """Compress and crc pages (``mv`` page ``order[i]`` is page index ``srt[i]``, sorted)
     into new segments, outside the write lock. Returns segments, index items, counts."""
     compress = cctx.compress
-    pack, ipack, ksize = KEY.pack, IDX.pack, KEY.size
+    pack, ipack, ksize, crc = KEY.pack, IDX.pack, KEY.size, crc32
     limit = log.segment_bytes - COUNT.size
     items: list[tuple[bytes, bytes]] = []
     segs: list[Seg] = []
@@ -321,7 +322,7 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
             segs.append((sid, encode_segment(payloads, keys), size))
             total += size
             sid, size, payloads, keys = log.new_id(), 0, [], []
-        items.append((key, ipack(sid, size, ln, record_crc(key, p), kind)))
+        items.append((key, ipack(sid, size, ln, crc(p, crc(key)), kind)))  # record_crc
         payloads.append(c)
         keys.append(key)
         size += ln

@@ -23,12 +23,14 @@ from .store_format import KIND_RAW, KIND_ZERO, KIND_ZSTD, PAGE, crc32
 
 
 class Slot:
-    __slots__ = ("gen", "lk", "txn")
+    __slots__ = ("dctx", "gen", "lk", "txn")
 
     def __init__(self) -> None:
         self.lk = threading.Lock()
         self.txn: Any = None  # lmdb.Transaction
         self.gen = -1
+        # a bounded window: a damaged frame can't ask for gigabytes (MemoryError)
+        self.dctx = zstandard.ZstdDecompressor(max_window_size=1 << 20)
 
 
 class ReaderPool:
