@@ -227,6 +227,24 @@ int vs_copy_guarded(uint8_t *dst, uint64_t src, size_t n)
     return vs_thread_events == before ? 0 : -EFAULT;
 }
 
+/* Pages of [addr, addr+len) (a file map) whose file page is in the page cache, by
+ * mincore(2) in 64 MiB steps. -errno on failure (EPERM under a seccomp filter without
+ * mincore, ENOMEM outside any mapping). */
+int64_t vs_mincore_count(uint64_t addr, uint64_t len)
+{
+    enum { STEP = 16384 };
+    unsigned char vec[STEP];
+    uint64_t pg = (uint64_t)sysconf(_SC_PAGESIZE), n = 0;
+    for (uint64_t off = 0; off < len; off += STEP * pg) {
+        uint64_t chunk = len - off < STEP * pg ? len - off : STEP * pg;
+        if (mincore((void *)(uintptr_t)(addr + off), chunk, vec) != 0)
+            return -errno;
+        for (uint64_t i = 0; i < (chunk + pg - 1) / pg; i++)
+            n += vec[i] & 1;
+    }
+    return (int64_t)n;
+}
+
 int vs_cachestat(int fd, uint64_t off, uint64_t len, uint64_t *out)
 {
     struct { uint64_t off, len; } range = {off, len};

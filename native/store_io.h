@@ -13,9 +13,11 @@ uint64_t vs_guard_range_events(uint64_t base);
 uint64_t vs_guard_thread_events(void); /* contained in the calling thread */
 int vs_guard_repair(uint64_t base);
 
+/* mincore(2): pages of the map [addr, addr+len) cached (see store_io.c). */
 /* cachestat(2) over [off, off+len) (len 0: to EOF): out[0..4] = cached, dirty, writeback,
  * evicted, recently evicted pages. */
 int vs_cachestat(int fd, uint64_t off, uint64_t len, uint64_t *out);
+int64_t vs_mincore_count(uint64_t addr, uint64_t len);
 /* fallocate(PUNCH_HOLE|KEEP_SIZE) each (offset, length) pair of `ranges`. Returns the
  * number of ranges punched, or -errno of the first failure. */
 int64_t vs_punch(int fd, const uint64_t *ranges, size_t n);

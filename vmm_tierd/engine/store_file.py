@@ -65,6 +65,7 @@ class DataFile:
         self.punched = np.zeros(0, dtype=bool)  # per LMDB page: a hole we punched
         self.punch_ok = True
         self.map_damaged = False
+        self.mincore_ok = True
 
     # ---- reads -----------------------------------------------------------------------
     def read(self, off: int, n: int) -> bytes:
@@ -156,11 +157,15 @@ class DataFile:
                          map_base=self.map_base, map_len=self.map_len, sync_flags=WAIT,
                          drop=True)
 
-    def cache(self) -> ls.CacheStat | None:
-        try:
-            return ls.cachestat(self.fd)
-        except OSError:
-            return None
+    def cached(self) -> int:
+        """Bytes of data.mdb in the page cache (mincore over LMDB's map), -1 if not
+        permitted (a seccomp filter without mincore)."""
+        if self.mincore_ok and self.map_len:
+            try:
+                return ls.resident(self.map_base, min(self.size(), self.map_len))
+            except OSError:
+                self.mincore_ok = False
+        return -1
 
     # ---- disk ------------------------------------------------------------------------
     def trim(self, env: lmdb.Environment, dbs: list[object], full: bool = False

@@ -138,10 +138,9 @@ class StoreStats:
     dead_bytes: int = 0  # payload bytes of deleted records not yet compacted away
     file_bytes: int = 0  # apparent size of the LMDB data file
     used_bytes: int = 0  # LMDB pages in use (the rest of the file is LMDB's free list)
-    # data.mdb's pages in the page cache (cachestat(2); -1 unknown), and how many of them
-    # are dirty or under writeback; measured, not counted: left out of comparisons
-    cache_bytes: int = field(default=0, compare=False)
-    cache_dirty_bytes: int = field(default=0, compare=False)
+    # data.mdb's pages in the page cache (measured by stats(cache=True), else -1; left
+    # out of comparisons)
+    cache_bytes: int = field(default=-1, compare=False)
 
 
 @dataclass

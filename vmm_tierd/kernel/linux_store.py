@@ -92,6 +92,12 @@ def cachestat(fd: int) -> CacheStat:
     return CacheStat(out[0] * page, out[1] * page, out[2] * page, out[3] * page)
 
 
+def resident(addr: int, length: int) -> int:
+    """Bytes of the file mapped at ``[addr, addr+length)`` that are in the page cache
+    (mincore(2), which systemd's unit filters know by name; cachestat(2) is newer)."""
+    return _check(lib.vs_mincore_count(addr, length), "mincore") * os.sysconf("SC_PAGESIZE")
+
+
 def punch(fd: int, ranges: np.ndarray) -> int:
     """fallocate(PUNCH_HOLE|KEEP_SIZE) each (offset, length) row of ``ranges``."""
     buf, n = _ranges(ranges)
