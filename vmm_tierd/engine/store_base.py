@@ -204,6 +204,7 @@ class StoreBase:
             self.notes.append(f"reclaimed {self.reclaimed} store records left by an "
                               "earlier instance")
         self._open_env()
+        self._sigbus_seen = self._sigbus()  # faults in the old file don't count: it's gone
         self._owners.clear()
         names = dict(self._regions)
         if names:
