@@ -1,12 +1,12 @@
 """The cold-page store: zstd-compressed 4 KiB pages in log-structured LMDB segments.
 
-Layout: ``store_format``; segment bookkeeping: ``store_log``; opening, the write txn,
-failures: ``store_base``; the directory and its trust: ``store_dir``; data.mdb beside LMDB
-(pread, page cache, holes, SIGBUS): ``store_file``; read txns: ``store_read``. One LMDB
-write txn per call, and in-memory state changes only after it committed: a page given to
-``put_batch`` may be dropped from memory once that returned. Writers are serialised by a
-lock; reads run concurrently in per-thread read txns. The directory holds an exclusive
-flock for the life of the PageStore.
+Layout: ``store_format``; segment bookkeeping: ``store_log``; the write txn and
+failures: ``store_base``; the environment: ``store_env``; the directory and its trust:
+``store_dir``; data.mdb beside LMDB (pread, page cache, holes, SIGBUS): ``store_file``
+and ``store_free``; read txns: ``store_read``. One LMDB write txn per call, and in-memory
+state changes only after it committed: a page given to ``put_batch`` may be dropped from
+memory once that returned. Writers are serialised by a lock; reads run concurrently in
+per-thread read txns. The directory holds an exclusive flock for the life of the store.
 
 Failures: a write raises ``StoreWriteError`` (``StoreFullError`` for ENOSPC) with the
 real errno and leaves nothing written; a read gives ``RecordError`` for that page only;
