@@ -97,8 +97,9 @@ static int store_get(MDB_txn *txn, ZSTD_DCtx *dctx, uint64_t p, unsigned char *b
     uint64_t sid = rd_le(iv, 8), off = rd_le(iv + 8, 4), ln = rd_le(iv + 12, 2);
     uint32_t crc = (uint32_t)rd_le(iv + 14, 4);
     int kind = iv[18];
+    uLong seed = crc32(0, kb, sizeof kb); /* record CRCs cover the key, then the page */
     if (kind == KIND_ZERO)
-        return crc == crc32(0, zeros, PAGE) ? 1 : -1;
+        return crc == seed ? 1 : -1;
     wr_be(sk, sid, 8);
     MDB_val sk_v = {sizeof sk, sk}, sv;
     if (mdb_get(txn, dbi_seg, &sk_v, &sv) || off + ln > sv.mv_size)
@@ -113,7 +114,7 @@ static int store_get(MDB_txn *txn, ZSTD_DCtx *dctx, uint64_t p, unsigned char *b
     } else {
         return -1;
     }
-    return crc32(0, buf, PAGE) == crc ? 0 : -1;
+    return crc32(seed, buf, PAGE) == crc ? 0 : -1;
 }
 
 static void serve(MDB_txn *txn, ZSTD_DCtx *dctx, uint64_t addr, unsigned char *buf)

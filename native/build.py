@@ -15,7 +15,8 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-UNITS = ["kernel", "process", "guest", "guest_sig", "guest_access", "guest_workload", "guest_verify"]
+UNITS = ["kernel", "process", "guest", "guest_sig", "guest_access", "guest_workload",
+         "guest_verify", "store_io"]
 
 _unlisted = sorted({p.stem for p in HERE.glob("*.c")} - set(UNITS))
 if _unlisted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -299,11 +300,14 @@ def test_corrupt_data_file_is_a_clear_error(tmp_path: Path) -> None:
     with PageStore(tmp_path, sync="commit", instance_id="t") as s:
         put(s, s.region_id("g"), [1], mixed(1))
     (tmp_path / "data.mdb").write_bytes(b"not an lmdb file" * 1000)
-    with pytest.raises(StoreError, match=str(tmp_path)):
-        PageStore(tmp_path, sync="none")
-    (tmp_path / "data.mdb").unlink()
-    with PageStore(tmp_path, sync="none") as s:  # the failed open released its lock
-        assert s.stats().records == 0
+    with pytest.raises(StoreError, match=str(tmp_path)) as ei:  # its records may be ours
+        PageStore(tmp_path, sync="none", instance_id="t")
+    assert "move it aside" in str(ei.value)
+    with PageStore(tmp_path, sync="none") as s:  # a new instance: every record was dead
+        assert s.stats().records == 0 and s.reclaimed == 0
+        assert any("unreadable" in n and "replaced" in n for n in s.notes), s.notes
+        put(s, s.region_id("g"), [1], mixed(1))
+        check(s, s.region_id("g"), {1: mixed(1)[0]})
 
 
 def test_second_open_is_refused(store: PageStore) -> None:
@@ -347,7 +351,7 @@ def test_full_disk_writes_nothing(tmp_path: Path) -> None:
     mnt.mkdir()
     if shutil.which("mount") is None or os.geteuid() != 0:
         pytest.skip("needs root and mount(8) for a small tmpfs")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
                          capture_output=True, timeout=20)
     if res.returncode:
         pytest.skip(f"can't mount tmpfs: {res.stderr.decode().strip()}")
@@ -359,6 +363,7 @@ def test_full_disk_writes_nothing(tmp_path: Path) -> None:
         with pytest.raises(StoreFullError) as ei:
             put(s, r, list(range(1000, 1512)), incompressible)
         assert str(mnt) in str(ei.value) and "disk" in str(ei.value)
+        assert ei.value.errno == errno.ENOSPC and ei.value.path == str(mnt / "store")
         assert s.stats().records == 32
         with pytest.raises(KeyError):
             s.get(r, 1000)

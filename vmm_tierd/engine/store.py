@@ -1,26 +1,30 @@
 """The cold-page store: zstd-compressed 4 KiB pages in log-structured LMDB segments.
 
-Layout: ``store_format``; segment bookkeeping: ``store_log``. One LMDB write txn per call,
-and in-memory counters change only after it committed: a page given to ``put_batch`` may
-be dropped from memory once that returned. Writers are serialised by a lock; ``get`` runs
-concurrently in its own read txn. The directory holds an exclusive flock for the life of
-the PageStore, so records of any other instance id are dead and are reclaimed at open.
+Layout: ``store_format``; segment bookkeeping: ``store_log``; the write txn and
+failures: ``store_base``; the environment: ``store_env``; the directory and its trust:
+``store_dir``; data.mdb beside LMDB (pread, page cache, holes, SIGBUS): ``store_file``
+and ``store_free``; read txns: ``store_read``. One LMDB write txn per call, and in-memory
+state changes only after it committed: a page given to ``put_batch`` may be dropped from
+memory once that returned. Writers are serialised by a lock; reads run concurrently in
+per-thread read txns. The directory holds an exclusive flock for the life of the store.
+
+Failures: a write raises ``StoreWriteError`` (``StoreFullError`` for ENOSPC) with the
+real errno and leaves nothing written; a read gives ``RecordError`` for that page only;
+``health()`` says whether writes can work again before a restart.
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import os
-import threading
-import uuid
-from collections.abc import Callable
-from pathlib import Path
-from typing import TypeVar, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
 import lmdb
 import numpy as np
 import zstandard
 
+from .store_base import StoreBase
 from .store_format import (
     IDX,
     KEY,
@@ -31,187 +35,30 @@ from .store_format import (
     PAGE,
     REGION_ID,
     SEGKEY,
-    SYNC_MODES,
-    ZERO_CRC,
     Counters,
     Delta,
     PutResult,
     RecordError,
     StoreError,
     StoreFullError,
+    StoreHealth,
     StoreStats,
+    StoreWriteError,
     crc32,
     owner_key,
     region_key,
 )
-from .store_log import SegmentLog, Txn, pack_pages, write_error
+from .store_log import Txn, lmdb_errno, pack_pages
+from .store_read import decode, spans
 
-T = TypeVar("T")
+Result = bytes | None | KeyError | RecordError
 
 __all__ = ["PageStore", "PutResult", "RecordError", "StoreError", "StoreFullError",
-           "StoreStats"]
+           "StoreHealth", "StoreStats", "StoreWriteError"]
 
 
-class PageStore:
-    def __init__(self, path: Path, *, map_size: int = 8 << 30, zstd_level: int = 1,
-                 sync: str = "commit", instance_id: str | None = None,
-                 segment_pages: int = 32, compact_below: float = 0.5,
-                 gc_dead: float = 0.1, compact_in_put: float = 2.0,
-                 keep_owner: Callable[[str], bool] | None = None) -> None:
-        """``keep_owner``: at open, records of regions owned by anyone but this instance
-        are reclaimed, except those whose owner this says to keep (a VMM still running
-        whose uffd outlived the daemon that evicted its pages)."""
-        if sync not in SYNC_MODES:
-            raise ValueError(f"store sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
-        self.path = Path(path).expanduser()
-        self.map_size = map_size
-        self.sync_mode = sync
-        self.zstd_level = zstd_level
-        self.instance_id = instance_id or uuid.uuid4().hex
-        self.compact_in_put = compact_in_put
-        self._wlock = threading.Lock()
-        self._local = threading.local()
-        self._gen = 0  # bumped after every commit: a reused read txn renews when it moved
-        self._readers: set[lmdb.Transaction] = set()  # every thread's, aborted at close
-        self._rlock = threading.Lock()  # for _readers: never waits for a write txn
-        self._closed = True
-        try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.path, 0o700)
-            self._lockfd = os.open(self.path / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise StoreError(f"{self.path}: can't create the store directory: {e}") from e
-        try:
-            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(self._lockfd)
-            raise StoreError(f"{self.path}: store is in use by another process") from e
-        try:
-            self._env = lmdb.open(
-                str(self.path), map_size=map_size, max_dbs=4, subdir=True, lock=True,
-                writemap=False, readahead=False, mode=0o600,
-                sync=sync == "commit", metasync=sync == "commit")
-            for name in ("data.mdb", "lock.mdb", "store.lock"):
-                os.chmod(self.path / name, 0o600)
-            dbs = {n: self._env.open_db(n.encode()) for n in ("meta", "index", "seg", "segmeta")}
-        except (lmdb.Error, OSError) as e:
-            if hasattr(self, "_env"):
-                self._env.close()
-            os.close(self._lockfd)
-            raise StoreError(f"{self.path}: can't open the LMDB store: {e}; if it is "
-                             "corrupt, it only holds pages of exited daemons: move it aside "
-                             "to start afresh") from e
-        self._closed = False
-        self._meta, self._idx, self._seg = dbs["meta"], dbs["index"], dbs["seg"]
-        psize = self._env.stat()["psize"]
-        # a value of V bytes takes ceil((V + 16) / psize) overflow pages (16 = page header)
-        self._log = SegmentLog(dbs, segment_pages * psize - 16, compact_below, gc_dead)
-        self._data_file = self.path / "data.mdb"
-        self._regions: dict[str, int] = {}
-        self._names: dict[int, str] = {}
-        self._owners: dict[int, str] = {}
-        self._claimed: set[int] = set()  # regions claimed by region_id() since open
-        self._keep_owner = keep_owner
-        try:
-            self._load()
-            self.reclaimed = self._reclaim()
-        except (lmdb.Error, StoreError) as e:
-            self.close()
-            raise StoreError(f"{self.path}: store unreadable at open ({e}); it only holds "
-                             "pages of exited daemons: move it aside to start afresh") from e
-
-    # ---- open-time state -------------------------------------------------------------
-    def _load(self) -> None:
-        with self._env.begin() as txn:
-            self._log.load(txn)
-            cur = txn.cursor(db=self._meta)
-            if cur.set_range(b"owner/"):
-                for k, v in cur:
-                    if not k.startswith(b"owner/"):
-                        break
-                    self._owners[REGION_ID.unpack(k[6:])[0]] = v.decode()
-            if cur.set_range(b"region/"):
-                for k, v in cur:
-                    if not k.startswith(b"region/"):
-                        break
-                    rid = REGION_ID.unpack(v)[0]
-                    self._regions[k[7:].decode()] = rid
-                    self._names[rid] = k[7:].decode()
-
-    def _reclaim(self) -> int:
-        """Delete every record of regions owned by other (dead) instances."""
-        keep = self._keep_owner or (lambda owner: False)
-        foreign = {r for r in self._names if self._owners.get(r) != self.instance_id
-                   and not keep(self._owners.get(r, ""))}
-        before = self._log.counters.records
-        if not foreign or not before:
-            return 0
-        if not set(self._owners) - foreign:  # nothing is ours: drop everything at once
-
-            def drop(txn: Txn, d: Delta) -> None:
-                for db in (self._log.idx, self._log.seg, self._log.segmeta):
-                    txn.drop(db, delete=False)
-                for r in foreign:
-                    txn.delete(owner_key(r), db=self._meta)
-                d.counters = Counters()
-
-            self._write("reclaim", drop)
-            self._log.reset()
-        else:
-
-            def ranges(txn: Txn, d: Delta) -> None:
-                for r in foreign:
-                    self._log.delete_range(txn, d, r, 0, MAX_PAGE + 1)
-                    txn.delete(owner_key(r), db=self._meta)
-
-            self._write("reclaim", ranges)
-        for r in foreign:
-            self._owners.pop(r, None)
-        return before - self._log.counters.records
-
-    # ---- the write path --------------------------------------------------------------
-    def _write(self, what: str, fn: Callable[[Txn, Delta], T], bump: bool = False) -> T:
-        """Run ``fn`` in one write txn. ``bump``: if it freed segments, commit one more tiny
-        txn: LMDB reuses pages freed by txn N only from txn N+2 on (N+1 must still be able
-        to open the snapshot of N-1), so without it the next put would grow the file."""
-        with self._wlock:
-            if self._closed:
-                raise StoreError(f"{self.path}: store is closed")
-            delta = self._log.delta()
-            try:
-                with self._env.begin(write=True) as txn:
-                    result = fn(txn, delta)
-                    self._log.finish(txn, delta)
-                self._gen += 1
-            except lmdb.MapFullError as e:
-                raise StoreFullError(
-                    f"{self.path}: LMDB map full during {what}, nothing of it was written; "
-                    f"raise store map_size_bytes (now {self.map_size})") from e
-            except lmdb.Error as e:
-                raise write_error(self.path, what, e) from e
-            self._log.apply(delta)
-            if bump and None in delta.segs.values():
-                try:
-                    with self._env.begin(write=True) as txn:
-                        txn.put(b"counters", self._log.counters.pack(), db=self._meta)
-                except lmdb.Error:
-                    pass  # only an optimisation; the data txn above is committed
-            return result
-
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        c = getattr(self._local, "cctx", None)
-        if c is None:
-            c = self._local.cctx = zstandard.ZstdCompressor(
-                level=self.zstd_level, write_content_size=False, write_checksum=False)
-        return c
-
-    def _decompressor(self) -> zstandard.ZstdDecompressor:
-        d = getattr(self._local, "dctx", None)
-        if d is None:
-            d = self._local.dctx = zstandard.ZstdDecompressor()
-        return d
-
-    # ---- public API --------------------------------------------------------------------
+class PageStore(StoreBase):
+    # ---- public API: writes ------------------------------------------------------------
     def region_id(self, name: str, owner: str | None = None) -> int:
         """The region's id, claimed for ``owner`` (default: this instance). Records the
         region holds for another owner are dead and go in the same txn."""
@@ -225,7 +72,7 @@ class PageStore:
             if r is None:
                 r = max(self._names, default=0) + 1
                 txn.put(region_key(name), REGION_ID.pack(r), db=self._meta)
-            elif self._owners.get(r) != owner:
+            elif self._owners.get(r, owner) != owner:
                 self._log.delete_range(txn, d, r, 0, MAX_PAGE + 1)
             txn.put(owner_key(r), owner.encode(), db=self._meta)
             return r
@@ -241,7 +88,7 @@ class PageStore:
         rid = self._regions.get(name)
         return None if rid is None else self._owners.get(rid)
 
-    # ---- small metadata of the daemon's own (e.g. which uffd a VMM holds for us) ------
+    # ---- small metadata of the daemon's own (which uffd a VMM holds for us, ...) ------
     def get_meta(self, key: str) -> bytes | None:
         with self._env.begin() as txn:
             v = txn.get(b"user/" + key.encode(), db=self._meta)
@@ -250,6 +97,10 @@ class PageStore:
     def put_meta(self, key: str, value: bytes) -> None:
         self._write(f"put_meta({key!r})",
                     lambda txn, d: txn.put(b"user/" + key.encode(), value, db=self._meta))
+
+    def delete_meta(self, key: str) -> None:
+        self._write(f"delete_meta({key!r})",
+                    lambda txn, d: txn.delete(b"user/" + key.encode(), db=self._meta))
 
     def meta_keys(self, prefix: str = "") -> list[str]:
         start = b"user/" + prefix.encode()
@@ -262,13 +113,6 @@ class PageStore:
                         break
                     out.append(bytes(k)[len(b"user/"):].decode())
         return out
-
-    def delete_meta(self, key: str) -> None:
-        self._write(f"delete_meta({key!r})",
-                    lambda txn, d: txn.delete(b"user/" + key.encode(), db=self._meta))
-
-    def region_name(self, region: int) -> str:
-        return self._names.get(region, f"#{region}")
 
     def put_batch(self, region: int, pages: np.ndarray,
                   data: bytes | bytearray | memoryview) -> PutResult:
@@ -289,14 +133,13 @@ class PageStore:
         nz = cast(list[bool], nonzero.tolist())
         segs, items, counts = pack_pages(self._compressor(), self._log, region, mv,
                                          order, srt, nz)
-
         gc = self.compact_in_put > 0
 
         def put(txn: Txn, d: Delta) -> None:
             self._log.put(txn, d, segs, items, counts)
             if gc:  # rewrite up to compact_in_put x this batch's bytes of sparse segments
-                self._log.compact(txn, d, live_budget=int(self.compact_in_put *
-                                                          (counts.compressed + 1)))
+                self._log.compact(txn, d, self._read_segment, live_budget=int(
+                    self.compact_in_put * (counts.compressed + 1)))
 
         what = f"put_batch({self.region_name(region)}, {n} pages)"
         try:
@@ -308,77 +151,6 @@ class PageStore:
             self._write(what, put)
         return PutResult(n, counts.zero, counts.raw, counts.compressed)
 
-    def _reader(self) -> lmdb.Transaction:
-        """This thread's read txn, reused until released or until a write committed (so a
-        page whose put_batch returned is always found). py-lmdb has no reset()/renew(), but
-        keeps an aborted read txn as a spare that the next begin() renews: same effect."""
-        loc = self._local
-        txn = getattr(loc, "rtxn", None)
-        if txn is not None:
-            if loc.gen == self._gen:
-                return txn
-            self.release_reader()
-        with self._rlock:
-            if self._closed:
-                raise lmdb.Error("store is closed")
-            gen = self._gen  # read before begin: a commit in between renews next time
-            txn = self._env.begin(buffers=True)
-            self._readers.add(txn)
-        loc.rtxn, loc.gen = txn, gen
-        return txn
-
-    def release_reader(self) -> None:
-        """Let go of this thread's read snapshot (the engine calls it after each burst of
-        faults): a long-held snapshot keeps LMDB from reusing freed pages."""
-        loc = self._local
-        txn = getattr(loc, "rtxn", None)
-        if txn is not None:
-            loc.rtxn = None
-            with self._rlock:
-                self._readers.discard(txn)
-                if not self._closed:
-                    txn.abort()
-
-    def get(self, region: int, page: int) -> bytes | None:
-        key = KEY.pack(region, page)
-        try:
-            txn = self._reader()
-            try:
-                iv = txn.get(key, db=self._idx)
-                if iv is None:
-                    raise KeyError((region, page))
-                sid, off, ln, crc, kind = IDX.unpack(iv)
-                if kind == KIND_ZERO:
-                    if crc != ZERO_CRC:
-                        raise self._bad(region, page, "checksum mismatch")
-                    return None
-                sv = txn.get(SEGKEY.pack(sid), db=self._seg)
-                if sv is None or off + ln > len(sv):
-                    raise self._bad(region, page, f"segment {sid} missing")
-                if kind == KIND_ZSTD:
-                    try:
-                        out = self._decompressor().decompress(sv[off:off + ln],
-                                                              max_output_size=PAGE)
-                    except zstandard.ZstdError as e:
-                        raise self._bad(region, page, f"decompress failed: {e}") from e
-                elif kind == KIND_RAW:
-                    out = bytes(sv[off:off + ln])
-                else:
-                    raise self._bad(region, page, f"unknown record kind {kind}")
-            except lmdb.Error:
-                self.release_reader()  # don't reuse a txn in an unknown state
-                raise
-        except lmdb.Error as e:
-            raise self._bad(region, page, f"lmdb: {e}") from e
-        if len(out) != PAGE:
-            raise self._bad(region, page, f"{len(out)} bytes, not {PAGE}")
-        if crc32(out) != crc:
-            raise self._bad(region, page, "checksum mismatch")
-        return out
-
-    def _bad(self, region: int, page: int, reason: str) -> RecordError:
-        return RecordError(self.region_name(region), page, reason)
-
     def delete(self, region: int, pages: np.ndarray) -> int:
         keys = [KEY.pack(region, p) for p in np.unique(np.asarray(pages, np.uint64)).tolist()]
         if not keys:
@@ -387,17 +159,259 @@ class PageStore:
                            lambda txn, d: self._log.delete(txn, d, keys), bump=True)
 
     def delete_range(self, region: int, first: int, end: int) -> int:
+        """Delete the region's records of pages [first, end): a stop's last step. A
+        failure (StoreWriteError) leaves them for the next start to reclaim."""
         if end <= first:
             return 0
+        self._check_writable(f"delete_range({self.region_name(region)})")
+        self._check_range(region, first, end)
         return self._write(f"delete_range({self.region_name(region)})",
                            lambda txn, d: self._log.delete_range(txn, d, region, first, end),
                            bump=True)
 
+    def _check_range(self, region: int, first: int, end: int) -> None:
+        """Walk the range read-only before deleting it: LMDB's delete rewrites the pages it
+        walks, and on a damaged B-tree that can crash rather than fail. A damaged one
+        marks the store corrupt: no write happens on it again."""
+        stop = KEY.pack(region, end) if end <= MAX_PAGE else KEY.pack(region + 1, 0)
+        s = self._pool.slot()
+        with s.lk:
+            try:
+                cur = self._pool.txn(s).cursor(db=self._idx)
+                if cur.set_range(KEY.pack(region, first)):
+                    for k, v in cur.iternext():
+                        if bytes(k) >= stop:
+                            break
+                        if len(k) != KEY.size or len(v) != IDX.size:
+                            raise lmdb.CorruptedError(f"index entry {bytes(k)!r}")
+            except (lmdb.Error, SystemError) as e:
+                self._pool.drop(s)
+                self._corrupt(f"checking before delete_range: {e}")
+        self._check_writable(f"delete_range({self.region_name(region)})")
+
+    def compact(self, max_segments: int = 8) -> int:
+        """Rewrite the live records of up to ``max_segments`` sparse segments; how many."""
+        if not self._log.needs_gc():
+            return 0
+        return self._write("compact", lambda txn, d: self._log.compact(
+            txn, d, self._read_segment, max_segments), bump=True)
+
+    def trim(self) -> int:
+        """Give LMDB's free pages back to the file system (punch holes); bytes punched.
+        Commits do it for what they freed; this also re-punches pages LMDB reused and freed
+        again in between. Call it from a maintenance step, e.g. once a cycle in a worker
+        thread (it waits for the write lock). It commits an empty txn first, so that pages
+        freed by the last commit can go too."""
+        with self._wlock:
+            if self._closed or self._broken is not None:
+                return 0
+            try:
+                with self._env.begin(write=True) as txn:
+                    txn.put(b"counters", self._log.counters.pack(), db=self._meta)
+                self._pool.committed()
+                punched, _ = self._data.trim(self._env, list(self._dbs.values()), full=True)
+            except (lmdb.Error, OSError) as e:
+                self._problem("trim", lmdb_errno(e), f"{self.path}: trim: {e}")
+                return 0
+            self.punched_bytes += punched
+            return punched
+
+    def _read_segment(self, txn: Txn, sid: int) -> bytes | memoryview | None:
+        """A segment's whole value for compaction: pread where it is known (no map
+        touched, nothing left mapped), else through LMDB."""
+        g = self._log.geo.get(sid)
+        if g is not None:
+            return self._data.read(*g)
+        return txn.get(SEGKEY.pack(sid), db=self._seg)
+
+    def sync(self) -> None:
+        with self._wlock:
+            if not self._closed:
+                self._env.sync(True)
+
+    # ---- public API: reads ---------------------------------------------------------------
+    def get(self, region: int, page: int) -> bytes | None:
+        """The page; None for a zero page. KeyError: no record. RecordError: the record
+        can't be read (poison the page); nothing else fails. The fault path's one call:
+        one index lookup in this thread's reused read txn, one pread. Anything unusual
+        goes to ``get_many``, which says precisely what is wrong."""
+        pool = self._pool
+        s = pool.slot()
+        key = KEY.pack(region, page)
+        payload = None
+        with s.lk:
+            try:
+                txn = s.txn
+                if txn is None or s.gen != pool.gen:
+                    self._data.ensure_guard()  # before this thread touches LMDB's map
+                    txn = pool.txn(s)
+                iv = txn.get(key, db=self._idx)
+                if iv is None:
+                    raise KeyError((region, page))
+                if len(iv) == IDX.size:
+                    sid, off, ln, crc, kind = IDX.unpack(iv)
+                    if kind == KIND_ZERO and crc == crc32(key):
+                        return None
+                    g = self._log.geo.get(sid)
+                    if g is not None:
+                        payload = os.pread(self._data.fd, ln, g[0] + off)
+            except (lmdb.Error, SystemError, OSError):
+                payload = None
+        if payload is not None and len(payload) == ln:
+            try:
+                if kind == KIND_ZSTD:
+                    out = s.dctx.decompress(payload, max_output_size=PAGE)
+                    if len(out) == PAGE and crc32(out, crc32(key)) == crc:
+                        return out
+                elif kind == KIND_RAW and ln == PAGE and crc32(payload, crc32(key)) == crc:
+                    return payload
+            except (zstandard.ZstdError, MemoryError):
+                pass
+        res = self.get_many(region, (page,))[0]
+        if isinstance(res, KeyError | RecordError):
+            raise res
+        return res
+
+    def get_many(self, region: int, pages: Sequence[int] | np.ndarray) -> list[Result]:
+        """Pages of one region in one read txn (keys sorted, nearby payloads read with one
+        pread), in the order asked: bytes, None (zero page), KeyError (no record) or
+        RecordError (unreadable record) each."""
+        plist = [int(p) for p in pages]
+        out: list[Result] = [None] * len(plist)
+        order = sorted(range(len(plist)), key=plist.__getitem__)
+        keys = [KEY.pack(region, plist[i]) for i in order]
+        name = self.region_name(region)
+        panic = False
+        s = self._pool.slot()
+        faults = self._data.thread_sigbus_events()
+        with s.lk:
+            try:
+                if s.txn is None or s.gen != self._pool.gen:
+                    self._data.ensure_guard()  # before this thread touches LMDB's map
+                txn = self._pool.txn(s)
+                found = dict(txn.cursor(db=self._idx).getmulti(keys))
+                reads: list[tuple[int, int, int, int, int]] = []  # file off, len, i, kind, crc
+                geo = self._log.geo
+                for key, i in zip(keys, order, strict=True):
+                    iv = found.get(key)
+                    if iv is None:
+                        out[i] = KeyError((region, plist[i]))
+                        continue
+                    if len(iv) != IDX.size:
+                        out[i] = self._bad_index(region, plist[i], len(iv))
+                        continue
+                    sid, off, ln, crc, kind = IDX.unpack(iv)
+                    g = geo.get(sid)
+                    if kind == KIND_ZERO:
+                        out[i] = self._decoded(region, plist[i], kind, crc, b"")
+                    elif g is not None:
+                        reads.append((g[0] + off, ln, i, kind, crc))
+                    else:
+                        out[i] = self._get_slow(txn, region, plist[i], sid, off, ln, crc, kind)
+                reads.sort()
+                for start, length, idx in spans([(r[0], r[1], j) for j, r in enumerate(reads)]):
+                    self._read_span(region, plist, out, start, length, [reads[j] for j in idx])
+            except (lmdb.Error, SystemError) as e:  # SystemError: py-lmdb over an LMDB error
+                self._pool.drop(s)
+                err = lmdb_errno(e.__cause__ or e if isinstance(e, SystemError) else e)
+                if (self._data.thread_sigbus_events() != faults
+                        or self._sigbus() != self._sigbus_seen):
+                    err = errno.EIO  # LMDB read zeros where the file faulted
+                    self._after_sigbus()
+                elif err == errno.EUCLEAN:
+                    self._corrupt(f"reading the index: {e}")
+                panic = isinstance(e, lmdb.PanicError)
+                self._problem("get", err, f"{self.path}: reading the index: {e}")
+                out = [RecordError(name, p, f"lmdb: {e}", err) for p in plist]
+        if panic and self._recover():
+            return self.get_many(region, pages)
+        return out
+
+    def _bad_index(self, region: int, page: int, n: int) -> RecordError:
+        why = f"index entry of {n} bytes, not {IDX.size}"
+        self._corrupt(f"{self.region_name(region)}:{page}: {why}")
+        self._problem("get", errno.EBADMSG, f"{self.path}: {self.region_name(region)}:"
+                      f"{page}: {why}")
+        return RecordError(self.region_name(region), page, why, errno.EBADMSG)
+
+    def _decoded(self, region: int, page: int, kind: int, crc: int,
+                 payload: bytes | memoryview) -> bytes | RecordError | None:
+        got, why, err = decode(self._pool.slot().dctx, KEY.pack(region, page), kind, crc,
+                               payload)
+        if why:
+            name = self.region_name(region)
+            self._problem("get", err, f"{self.path}: record {name}:{page}: {why}")
+            return RecordError(name, page, why, err)
+        return got
+
+    def _read_span(self, region: int, plist: list[int], out: list[Result], start: int,
+                   length: int, reads: list[tuple[int, int, int, int, int]]) -> None:
+        try:
+            buf: bytes | None = self._data.read(start, length)
+        except OSError as e:
+            buf = self._data.read_mapped(start, length)  # what the page cache still has
+            if buf is None:
+                err = e.errno or errno.EIO
+                self._problem("get", err, f"{self.path}: reading data.mdb: {e}")
+                name = self.region_name(region)
+                for _, _, i, _, _ in reads:
+                    out[i] = RecordError(name, plist[i], f"read failed: {e.strerror}", err)
+                return
+        mv = memoryview(cast(bytes, buf))
+        dctx, pack = self._pool.slot().dctx, KEY.pack
+        for off, ln, i, kind, crc in reads:
+            p = mv[off - start:off - start + ln]
+            if kind == KIND_ZSTD:  # the common case inline; anything else says why below
+                try:
+                    got = dctx.decompress(p, max_output_size=PAGE)
+                except (zstandard.ZstdError, MemoryError):
+                    got = b""
+                if len(got) == PAGE and crc32(got, crc32(pack(region, plist[i]))) == crc:
+                    out[i] = got
+                    continue
+            out[i] = self._decoded(region, plist[i], kind, crc, p)
+
+    def _get_slow(self, txn: Any, region: int, page: int, sid: int, off: int, ln: int,
+                  crc: int, kind: int) -> bytes | RecordError | None:
+        """A record whose segment's place is not known yet: through LMDB (two lookups)."""
+        sv = txn.get(SEGKEY.pack(sid), db=self._seg)
+        if sv is None or off + ln > len(sv):
+            return RecordError(self.region_name(region), page, f"segment {sid} missing",
+                               errno.EBADMSG)
+        foff = self._data.offset_of(sv)
+        if foff:
+            self._log.located(sid, foff, len(sv))
+        return self._decoded(region, page, kind, crc, bytes(sv[off:off + ln]))
+
+    def release_reader(self) -> None:
+        """Let go of this thread's read snapshot if a commit made it stale (kept for
+        callers that ended each burst with it; writers now release idle stale ones)."""
+        s = self._pool.slot()
+        if s.txn is not None and s.gen != self._pool.gen:
+            with s.lk:
+                self._pool.drop(s)
+
+    def stats(self, cache: bool = False) -> StoreStats:
+        """Counters and sizes (cheap: fstat and four LMDB stats). ``cache``: also measure
+        data.mdb's pages in the page cache (mincore over LMDB's map, ~1 ms per GiB of
+        store; under systemd the unit's SystemCallFilter must allow mincore)."""
+        c = self._log.counters
+        try:
+            st = os.fstat(self._data.fd)
+            disk, size = st.st_blocks * 512, st.st_size
+        except (OSError, AttributeError):
+            disk = size = 0
+        used = self._used_bytes() if not self._closed else 0
+        cached = self._data.cached() if cache and not self._closed else -1
+        return StoreStats(c.records, c.zero, c.raw, c.compressed, disk, c.records * PAGE,
+                          len(self._log.segs), self._log.dead, size, used, cached)
+
     def pages(self, region: int) -> np.ndarray:
         """Page indexes with a record in ``region`` (sorted uint64)."""
         out: list[int] = []
-        with self._env.begin() as txn:
-            cur = txn.cursor(db=self._idx)
+        s = self._pool.slot()
+        with s.lk:
+            cur = self._pool.txn(s).cursor(db=self._idx)
             if cur.set_range(KEY.pack(region, 0)):
                 for k in cur.iternext(keys=True, values=False):
                     r, p = KEY.unpack(k)
@@ -406,47 +420,21 @@ class PageStore:
                     out.append(p)
         return np.array(out, dtype=np.uint64)
 
-    def compact(self, max_segments: int = 8) -> int:
-        """Rewrite the live records of up to ``max_segments`` sparse segments; how many."""
-        if not self._log.needs_gc():
-            return 0
-        return self._write("compact", lambda txn, d: self._log.compact(txn, d, max_segments),
-                           bump=True)
-
-    def sync(self) -> None:
-        with self._wlock:
-            if not self._closed:
-                self._env.sync(True)
-
-    def stats(self) -> StoreStats:
-        c = self._log.counters
-        try:
-            st = os.stat(self._data_file)
-            disk, size = st.st_blocks * 512, st.st_size
-        except OSError:
-            disk = size = 0
-        used = 0
-        if not self._closed:
-            with self._env.begin() as txn:  # pages in use by the trees: the file minus free
-                for db in (self._meta, self._idx, self._seg, self._log.segmeta):
-                    t = txn.stat(db)
-                    used += t["branch_pages"] + t["leaf_pages"] + t["overflow_pages"]
-        return StoreStats(c.records, c.zero, c.raw, c.compressed, disk, c.records * PAGE,
-                          len(self._log.segs), self._log.dead, size, used * PAGE)
-
     def scan_stats(self) -> StoreStats:
         """Counters recomputed by a full index scan (slow; for checks)."""
         c = Counters()
-        with self._env.begin(buffers=True) as txn:
-            for _, v in txn.cursor(db=self._idx):
+        s = self._pool.slot()
+        with s.lk:
+            for _, v in self._pool.txn(s).cursor(db=self._idx):
                 _, _, ln, _, kind = IDX.unpack(v)
                 c.add(kind, ln, 1)
-        s = self.stats()
-        return StoreStats(c.records, c.zero, c.raw, c.compressed, s.disk_bytes,
-                          c.records * PAGE, s.segments, s.dead_bytes, s.file_bytes,
-                          s.used_bytes)
+        st = self.stats()
+        return StoreStats(c.records, c.zero, c.raw, c.compressed, st.disk_bytes,
+                          c.records * PAGE, st.segments, st.dead_bytes, st.file_bytes,
+                          st.used_bytes)
 
     def corrupt_for_test(self, region: int, page: int) -> None:
+        """Flip a byte of the record's payload (or of a zero record's crc), committed."""
         key = KEY.pack(region, page)
 
         def flip(txn: Txn, d: Delta) -> None:
@@ -454,8 +442,13 @@ class PageStore:
             if iv is None:
                 raise KeyError((region, page))
             sid, off, ln, crc, kind = IDX.unpack(iv)
-            if kind == KIND_ZERO:  # no payload: flip a bit of the stored crc instead
+            if kind == KIND_ZERO:
                 txn.put(key, IDX.pack(sid, off, ln, crc ^ 1, kind), db=self._idx)
+                return
+            g = self._log.geo.get(sid)
+            if g is not None:  # in place, where pread finds it (the file, not a new value)
+                b = os.pread(self._data.fd, 1, g[0] + off + ln // 2)
+                os.pwrite(self._data.fd, bytes([b[0] ^ 0x5A]), g[0] + off + ln // 2)
                 return
             sk = SEGKEY.pack(sid)
             val = bytearray(txn.get(sk, db=self._seg) or b"")
@@ -464,22 +457,6 @@ class PageStore:
 
         self._write("corrupt_for_test", flip)
         self.sync()
-
-    def close(self) -> None:
-        with self._wlock:
-            if self._closed:
-                return
-            with self._rlock:
-                self._closed = True
-                self._gen += 1
-                for txn in self._readers:  # no read txn may outlive its env
-                    try:
-                        txn.abort()
-                    except lmdb.Error:
-                        pass
-                self._readers.clear()
-            self._env.close()
-            os.close(self._lockfd)
 
     def __enter__(self) -> PageStore:
         return self

@@ -7,11 +7,15 @@ LMDB sub-databases:
                payload in order (12 bytes each), then their count (u32). LMDB stores any
                value over ~2 KiB in its own run of overflow pages (a 4 KiB value costs
                8 KiB), so pages are packed into ~128 KiB segments: one run, little waste.
-- ``segmeta``: segment id -> (live payload bytes, total payload bytes).
+- ``segmeta``: segment id -> (live payload bytes, total payload bytes, file offset of the
+               segment's value in data.mdb, learned after the commit that wrote it (0
+               until then), value length). Overflow pages never move while their value
+               lives, so payloads are read with pread there: one index lookup per record.
 """
 
 from __future__ import annotations
 
+import errno
 import struct
 import zlib
 from collections.abc import Callable
@@ -27,36 +31,91 @@ PAGE = 4096
 KIND_ZERO, KIND_ZSTD, KIND_RAW = 0, 1, 2
 KIND_NAMES = {KIND_ZERO: "zero", KIND_ZSTD: "zstd", KIND_RAW: "raw"}
 RAW_THRESHOLD = 4000  # a compressed page this big or bigger is stored raw
-ZERO_CRC = zlib.crc32(bytes(PAGE))
 SYNC_MODES = ("commit", "periodic", "none")
 
 KEY = struct.Struct(">IQ")  # region, page: big-endian so a region's pages sort together
 IDX = struct.Struct("<QIHIB")  # segment id, offset, length, crc32, kind (19 bytes)
 SEGKEY = struct.Struct(">Q")
-SEGMETA = struct.Struct("<II")  # live payload bytes, total payload bytes
+SEGMETA = struct.Struct("<IIQI")  # live bytes, total payload bytes, file offset, value length
+SEGMETA_V1 = struct.Struct("<II")  # live, total (stores written before offsets were kept)
 COUNT = struct.Struct("<I")
 COUNTERS = struct.Struct("<QQQQ")  # records, zero records, raw records, compressed bytes
 REGION_ID = struct.Struct("<I")
 MAX_PAGE = (1 << 64) - 1
-ZERO_IDX = IDX.pack(0, 0, 0, ZERO_CRC, KIND_ZERO)
+
+
+def record_crc(key: bytes, page: bytes | memoryview | None) -> int:
+    """A record's CRC: of its index key, then of the page (no page for a zero record).
+    Keyed, so that a damaged index that hands out another page's record (a flipped key
+    byte) fails the check instead of returning the other page's bytes."""
+    seed = crc32(key)
+    return seed if page is None else crc32(page, seed)
 
 
 class StoreError(Exception):
-    """The store can't be opened or written; the message names the store path."""
+    """The store can't be opened, trusted or written. ``path`` is the store directory,
+    ``op`` what failed, ``errno`` the real errno (ENOSPC, EROFS, EIO, EPERM, ENOENT for a
+    deleted directory, EUCLEAN for LMDB finding its own file corrupt, ...)."""
+
+    def __init__(self, message: str, *, path: str = "", op: str = "",
+                 err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.path = path
+        self.op = op
+        self.errno = err
+
+    @property
+    def errno_name(self) -> str:
+        return errno.errorcode.get(self.errno, str(self.errno))
 
 
-class StoreFullError(StoreError):
-    """The LMDB map or the disk is full; nothing of the failed batch was written."""
+class StoreWriteError(StoreError):
+    """A write failed and wrote nothing; reads go on. Pause eviction and retry later
+    (``PageStore.health().writable`` says whether a retry can succeed before a restart)."""
+
+
+class StoreFullError(StoreWriteError):
+    """The LMDB map or the disk is full (errno ENOSPC); nothing of the batch was written."""
 
 
 class RecordError(Exception):
-    """A record that exists but is corrupt or unreadable."""
+    """A record that exists but is corrupt or unreadable: poison its page. ``errno``:
+    EBADMSG (checksum, decompression, bad record), EIO (the read failed), EUCLEAN (LMDB
+    found its B-tree corrupt)."""
 
-    def __init__(self, region: str, page: int, reason: str) -> None:
+    def __init__(self, region: str, page: int, reason: str, err: int = errno.EBADMSG) -> None:
         super().__init__(f"store record {region}:{page} unreadable: {reason}")
         self.region = region
         self.page = page
         self.reason = reason
+        self.errno = err
+
+
+@dataclass(frozen=True)
+class StoreProblem:
+    op: str
+    errno: int
+    message: str
+    at: float  # time.monotonic()
+
+    @property
+    def errno_name(self) -> str:
+        return errno.errorcode.get(self.errno, str(self.errno))
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """``writable``: False once writes can't succeed again before a restart (directory
+    deleted or replaced, ownership or modes changed, data.mdb truncated); the reason says
+    which. ``last_error``: the latest failure of any operation. ``errors``: failures per
+    errno name since open. ``sigbus``: faults in LMDB's map that were contained."""
+
+    writable: bool
+    reason: str
+    last_error: StoreProblem | None
+    errors: dict[str, int]
+    sigbus: int
+    reopened: int
 
 
 @dataclass
@@ -79,6 +138,9 @@ class StoreStats:
     dead_bytes: int = 0  # payload bytes of deleted records not yet compacted away
     file_bytes: int = 0  # apparent size of the LMDB data file
     used_bytes: int = 0  # LMDB pages in use (the rest of the file is LMDB's free list)
+    # data.mdb's pages in the page cache (measured by stats(cache=True), else -1; left
+    # out of comparisons)
+    cache_bytes: int = field(default=-1, compare=False)
 
 
 @dataclass
@@ -114,6 +176,9 @@ class Delta:
 
     counters: Counters
     segs: dict[int, tuple[int, int] | None] = field(default_factory=dict)  # None = deleted
+    new: dict[int, int] = field(default_factory=dict)  # segments written: id -> value length
+    killed: list[tuple[int, int, int]] = field(default_factory=list)  # (seg, off, len) gone
+    saved: list[int] = field(default_factory=list)  # segments whose offset was persisted
 
     def seg(self, sid: int, base: dict[int, tuple[int, int]]) -> tuple[int, int] | None:
         return self.segs[sid] if sid in self.segs else base.get(sid)
@@ -123,11 +188,11 @@ def encode_segment(payloads: list[bytes], keys: list[bytes]) -> bytes:
     return b"".join([*payloads, *keys, COUNT.pack(len(keys))])
 
 
-def segment_keys(value: bytes) -> list[bytes]:
+def segment_keys(value: bytes | memoryview) -> list[bytes]:
     """The index keys recorded in a segment's trailer."""
     (n,) = COUNT.unpack_from(value, len(value) - COUNT.size)
     start = len(value) - COUNT.size - n * KEY.size
-    return [value[start + i * KEY.size: start + (i + 1) * KEY.size] for i in range(n)]
+    return [bytes(value[start + i * KEY.size: start + (i + 1) * KEY.size]) for i in range(n)]
 
 
 def region_key(name: str) -> bytes:

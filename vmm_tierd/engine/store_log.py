@@ -1,11 +1,16 @@
 """Segment log of the page store: in-memory mirror of segment and counter state, and the
 operations run inside one LMDB write txn (changes gathered in a ``Delta``, applied to
-memory only after commit)."""
+memory only after commit). ``geo`` holds each segment's place in data.mdb (file offset,
+value length): learned after the commit that wrote it, persisted in segmeta with the next
+write txn."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -25,19 +30,21 @@ from .store_format import (
     RAW_THRESHOLD,
     SEGKEY,
     SEGMETA,
-    ZERO_IDX,
+    SEGMETA_V1,
     Counters,
     Delta,
-    StoreError,
     StoreFullError,
+    StoreWriteError,
     crc32,
     encode_segment,
+    record_crc,
     segment_keys,
 )
 
 Txn: TypeAlias = "lmdb.Transaction[bytes]"
 Rec = tuple[bytes, int, int, bytes]  # index key, kind, crc32, payload (b"" for zero pages)
 Seg = tuple[int, bytes, int]  # segment id, encoded value, payload bytes
+SegReader = Callable[[Txn, int], "bytes | memoryview | None"]  # a segment's whole value
 
 
 NBUCKETS = 16
@@ -60,6 +67,8 @@ class SegmentLog:
         self.gc_dead = gc_dead
         self.counters = Counters()
         self.segs: dict[int, tuple[int, int]] = {}
+        self.geo: dict[int, tuple[int, int]] = {}  # id -> (file offset or 0, value length)
+        self.unsaved: set[int] = set()  # geo known, not yet in segmeta
         self.buckets: list[set[int]] = [set() for _ in range(NBUCKETS)]  # by live fraction
         self.dead = 0
         self._ids = itertools.count(1)
@@ -72,9 +81,17 @@ class SegmentLog:
     def load(self, txn: lmdb.Transaction[bytes]) -> None:
         self.counters = Counters.unpack(txn.get(b"counters", db=self.meta))
         self.segs.clear()
+        self.geo.clear()
+        self.unsaved.clear()
         for k, v in txn.cursor(db=self.segmeta):
-            live, total = SEGMETA.unpack(v)
-            self.segs[SEGKEY.unpack(k)[0]] = (live, total)
+            sid = SEGKEY.unpack(k)[0]
+            if len(v) == SEGMETA.size:
+                live, total, off, vlen = SEGMETA.unpack(v)
+                if off:
+                    self.geo[sid] = (off, vlen)
+            else:
+                live, total = SEGMETA_V1.unpack(v)
+            self.segs[sid] = (live, total)
         cur = txn.cursor(db=self.seg)
         self._ids = itertools.count(SEGKEY.unpack(cur.key())[0] + 1 if cur.last() else 1)
         for b in self.buckets:
@@ -98,18 +115,34 @@ class SegmentLog:
         return Delta(Counters(c.records, c.zero, c.raw, c.compressed))
 
     def finish(self, txn: Txn, d: Delta) -> None:
-        """Write the delta's segment meta and counters (last step of every write txn)."""
+        """Write the delta's segment meta and counters (last step of every write txn),
+        with the places of segments learned since the last one."""
         for sid, v in d.segs.items():
             k = SEGKEY.pack(sid)
             if v is None:
                 txn.delete(k, db=self.seg)
                 txn.delete(k, db=self.segmeta)
             else:
-                txn.put(k, SEGMETA.pack(*v), db=self.segmeta)
+                off, vlen = self.geo.get(sid, (0, d.new.get(sid, 0)))
+                txn.put(k, SEGMETA.pack(*v, off, vlen), db=self.segmeta)
+                if off:
+                    d.saved.append(sid)
+        for sid in list(self.unsaved):
+            seg = self.segs.get(sid)
+            if sid not in d.segs and seg is not None:
+                txn.put(SEGKEY.pack(sid), SEGMETA.pack(*seg, *self.geo[sid]), db=self.segmeta)
+                d.saved.append(sid)
         txn.put(b"counters", d.counters.pack(), db=self.meta)
+
+    def located(self, sid: int, off: int, vlen: int) -> None:
+        """A committed segment's value starts at file offset ``off``."""
+        if sid in self.segs:
+            self.geo[sid] = (off, vlen)
+            self.unsaved.add(sid)
 
     def apply(self, d: Delta) -> None:
         self.counters = d.counters
+        self.unsaved.difference_update(d.saved)
         for sid, v in d.segs.items():
             old = self.segs.pop(sid, None)
             if old is not None:
@@ -119,10 +152,15 @@ class SegmentLog:
                 self.segs[sid] = v
                 self.dead += v[1] - v[0]
                 self.buckets[_bucket(v)].add(sid)
+            else:
+                self.geo.pop(sid, None)
+                self.unsaved.discard(sid)
 
     def reset(self) -> None:
         self.counters = Counters()
         self.segs.clear()
+        self.geo.clear()
+        self.unsaved.clear()
         for b in self.buckets:
             b.clear()
         self.dead = 0
@@ -137,9 +175,10 @@ class SegmentLog:
 
         def flush() -> None:
             sid = self.new_id()
-            txn.put(SEGKEY.pack(sid), encode_segment(payloads, [recs[i][0] for i in pend]),
-                    db=self.seg)
+            val = encode_segment(payloads, [recs[i][0] for i in pend])
+            txn.put(SEGKEY.pack(sid), val, db=self.seg)
             d.segs[sid] = (size, size)
+            d.new[sid] = len(val)
             off = 0
             for i, p in zip(pend, payloads, strict=True):
                 vals[i] = IDX.pack(sid, off, len(p), recs[i][2], recs[i][1])
@@ -163,10 +202,11 @@ class SegmentLog:
 
     def kill(self, d: Delta, old: bytes) -> None:
         """Account an index value that was just removed or replaced."""
-        sid, _, ln, _, kind = IDX.unpack(old)
+        sid, off, ln, _, kind = IDX.unpack(old)
         d.counters.add(kind, ln, -1)
         if kind == KIND_ZERO:
             return
+        d.killed.append((sid, off, ln))
         seg = d.seg(sid, self.segs)
         if seg is not None:
             live = seg[0] - ln
@@ -178,6 +218,7 @@ class SegmentLog:
         for sid, val, size in segs:
             txn.put(SEGKEY.pack(sid), val, db=self.seg)
             d.segs[sid] = (size, size)
+            d.new[sid] = len(val)
         d.counters.merge(counts)
         _, added = txn.cursor(db=self.idx).putmulti(items, dupdata=False, overwrite=False)
         if added < len(items):  # some pages already had records: replace those
@@ -213,7 +254,7 @@ class SegmentLog:
             cur.delete()  # moves to the next record (key() is b"" past the end)
         return n
 
-    def compact(self, txn: Txn, d: Delta, max_segments: int = 1 << 30,
+    def compact(self, txn: Txn, d: Delta, read: SegReader, max_segments: int = 1 << 30,
                 live_budget: int = 1 << 62) -> int:
         """Rewrite the live records of the sparsest segments (below ``gc_below``) into
         new ones: at most ``max_segments`` and about ``live_budget`` live bytes."""
@@ -236,7 +277,7 @@ class SegmentLog:
             live += ln
         recs: list[Rec] = []
         for sid in chosen:
-            val = txn.get(SEGKEY.pack(sid), db=self.seg)
+            val = read(txn, sid)
             d.segs[sid] = None
             if val is None:
                 continue
@@ -246,7 +287,7 @@ class SegmentLog:
                     continue
                 s2, off, ln, crc, kind = IDX.unpack(iv)
                 if s2 == sid:
-                    recs.append((k, kind, crc, val[off:off + ln]))
+                    recs.append((k, kind, crc, bytes(val[off:off + ln])))
         recs.sort(key=lambda r: r[0])
         for k, v in self.write_segments(txn, d, recs, count=False):
             txn.put(k, v, db=self.idx)
@@ -259,7 +300,7 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
     """Compress and crc pages (``mv`` page ``order[i]`` is page index ``srt[i]``, sorted)
     into new segments, outside the write lock. Returns segments, index items, counts."""
     compress = cctx.compress
-    pack, ipack, ksize = KEY.pack, IDX.pack, KEY.size
+    pack, ipack, ksize, crc = KEY.pack, IDX.pack, KEY.size, crc32
     limit = log.segment_bytes - COUNT.size
     items: list[tuple[bytes, bytes]] = []
     segs: list[Seg] = []
@@ -269,7 +310,7 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
     for j, page in zip(order.tolist(), srt.tolist(), strict=True):
         key = pack(region, page)
         if not nz[j]:
-            items.append((key, ZERO_IDX))
+            items.append((key, ipack(0, 0, 0, record_crc(key, None), KIND_ZERO)))
             zero += 1
             continue
         p = mv[j * PAGE:(j + 1) * PAGE]
@@ -281,7 +322,7 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
             segs.append((sid, encode_segment(payloads, keys), size))
             total += size
             sid, size, payloads, keys = log.new_id(), 0, [], []
-        items.append((key, ipack(sid, size, ln, crc32(p), kind)))
+        items.append((key, ipack(sid, size, ln, crc(p, crc(key)), kind)))  # record_crc
         payloads.append(c)
         keys.append(key)
         size += ln
@@ -291,16 +332,57 @@ def pack_pages(cctx: zstandard.ZstdCompressor, log: SegmentLog, region: int,
     return segs, items, Counters(len(items), zero, raw, total)
 
 
-def write_error(path: Path, what: str, e: lmdb.Error) -> StoreError:
+# what decoding a damaged record can raise (SystemError: py-lmdb reporting LMDB's error
+# badly, with the lmdb.Error as its __cause__)
+DECODE_ERRORS = (struct.error, ValueError, IndexError, UnicodeDecodeError, SystemError)
+
+_STRERROR = {os.strerror(e): e for e in sorted(errno.errorcode, reverse=True)}
+# LMDB's own codes: its file is corrupt, or it can't go on (MDB_PANIC: a meta page write
+# failed), rather than an operating-system error
+_LMDB_CORRUPT = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PageFullError,
+                 lmdb.PanicError, lmdb.BadTxnError, lmdb.InvalidError,
+                 lmdb.VersionMismatchError)
+
+
+def lmdb_errno(e: BaseException) -> int:
+    """The errno behind an LMDB failure: py-lmdb formats "what: strerror(rc)"."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    if isinstance(e, lmdb.MapFullError):
+        return errno.ENOSPC
+    if isinstance(e, _LMDB_CORRUPT):
+        return errno.EUCLEAN
+    text = str(e)
+    for msg, num in _STRERROR.items():
+        if text.endswith(msg):
+            return num
+    return errno.EIO
+
+
+def write_error(path: Path, what: str, e: BaseException, err: int | None = None
+                ) -> StoreWriteError:
+    """A failed write txn as a typed error with its real errno. LMDB reports a short
+    write (what ENOSPC becomes when part of a pwrite fitted) as EIO: the file system's
+    state tells which it was."""
+    num = err if err is not None else lmdb_errno(e)
+    free, ro = -1, False
     try:
         vfs = os.statvfs(path)
-        free = vfs.f_bavail * vfs.f_frsize
+        free, ro = vfs.f_bavail * vfs.f_frsize, bool(vfs.f_flag & os.ST_RDONLY)
     except OSError:
-        free = -1
-    # LMDB reports a short write (what ENOSPC becomes in mdb_page_flush) as EIO
-    full = (isinstance(e, lmdb.DiskError) or "No space" in str(e)
-            or ("Input/output" in str(e) and 0 <= free < 64 << 20))
-    if full:
-        return StoreFullError(f"{path}: {what} failed, nothing of it was written: {e}"
-                              f"; the disk is full ({free} bytes free): free disk space")
-    return StoreError(f"{path}: {what} failed, nothing of it was written: {e}")
+        pass
+    if num == errno.EIO and ro:
+        num = errno.EROFS
+    elif num == errno.EIO and 0 <= free < 64 << 20:
+        num = errno.ENOSPC
+    msg = f"{path}: {what} failed, nothing of it was written: {e}"
+    if isinstance(e, lmdb.MapFullError):
+        return StoreFullError(f"{path}: LMDB map full during {what}, nothing of it was "
+                              "written; raise store map_size_bytes", path=str(path), op=what,
+                              err=errno.ENOSPC)
+    if num == errno.ENOSPC:
+        return StoreFullError(f"{msg}; the disk is full ({free} bytes free): free disk space",
+                              path=str(path), op=what, err=num)
+    if num == errno.EROFS:
+        msg += "; the file system is read-only (remounted after an error?)"
+    return StoreWriteError(msg, path=str(path), op=what, err=num)
