@@ -73,7 +73,9 @@ class H:
 @asynccontextmanager
 async def engine(backend: str, memtype: str = "anon", *, npages: int = 256,
                  strategy: Strategy | None = None, store_cls: type[PageStore] = PageStore,
-                 interval: float = 0.05, deadline: float = 30.0) -> AsyncIterator[H]:
+                 interval: float = 0.05, deadline: float = 30.0,
+                 store_dir: Path | None = None) -> AsyncIterator[H]:
+    """``store_dir``: where the store goes (default: a temporary directory)."""
     kernel = open_kernel(backend)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
@@ -83,7 +85,7 @@ async def engine(backend: str, memtype: str = "anon", *, npages: int = 256,
             regions=(RegionSettings(name="t", size_bytes=npages * PS,
                                     memtype=MemType(memtype), workload_enabled=False),),
             source="<test>")
-        store = store_cls(Path(tmp) / "store", sync="none")
+        store = store_cls(store_dir or Path(tmp) / "store", sync="none")
         try:
             eng = Engine(kernel, settings, store=store, strategy=strategy)
             async with trio.open_nursery() as n:

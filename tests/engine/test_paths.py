@@ -5,6 +5,9 @@ failures are retried or rolled back and never lose a page."""
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import trio
@@ -340,3 +343,33 @@ def test_fault_around_brings_back_the_pages_evicted_with_it(backend: str,
             assert after.get("store", 0) - before.get("store", 0) == 1
             assert h.evicted(range(hi, 32)).all() and h.evicted(range(0, lo)).all()
     trio.run(main)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_full_disk_pauses_eviction_and_faults_go_on(backend: str, tmp_path: Path) -> None:
+    """A store on a filesystem that fills up: the batch that doesn't fit stays resident
+    (nothing is half written), eviction pauses (errno ENOSPC counted), every page still
+    reads back right, and the stop is graceful."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k,mode=0700", "tmpfs",
+                    str(mnt)], check=True)
+    try:
+        async def main() -> None:
+            async with engine(backend, "anon", npages=2048, store_dir=mnt / "store") as h:
+                for p in range(0, 2048, 64):  # incompressible-ish pages: the disk fills
+                    await h.write_pages(range(p, p + 64), version=p + 1)
+                await h.wait_for(lambda: h.r.report.c.errors >= 1, timeout=60)
+                ev = h.r.pages.evicted_pages
+                assert 0 < ev < 2048  # some went before the disk was full
+                assert h.store.health().errors.get("ENOSPC", 0) >= 1
+                for p in range(0, 2048, 7):
+                    r = await h.access(p, AccessKind.READ)
+                    want = page_bytes(p, (p // 64) * 64 + 1)
+                    assert r.status is AccessStatus.OK and r.data == want, p
+                h.engine.request_stop()
+                await h.wait_for(lambda: h.runner.graceful, timeout=60)
+        trio.run(main)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

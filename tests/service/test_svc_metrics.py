@@ -41,6 +41,7 @@ class FakeStoreStats:
     compressed_bytes: int = 4000 * 1024
     disk_bytes: int = 40 << 20
     guest_bytes: int = 4096 * 4096
+    cache_bytes: int = -1  # not measured
 
 
 CAPS = Capabilities(backend="fake-rwp", release="fake", dialect=Dialect.RWP, features=0x7FFFF,

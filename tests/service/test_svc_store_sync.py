@@ -1,5 +1,5 @@
-"""store.sync has one default, the settings' ("none"): PageStore's own default ("commit")
-differs, so every PageStore the package opens must be given sync explicitly."""
+"""store.sync has one default, "none": the settings' and PageStore's own; and every
+PageStore the package opens is given sync explicitly all the same."""
 
 from __future__ import annotations
 
@@ -27,3 +27,12 @@ def test_every_page_store_in_the_package_is_opened_with_an_explicit_sync() -> No
 def test_the_settings_default_is_the_documented_one() -> None:
     assert StoreSettings().sync == "none"
     assert default_settings().store.sync == "none"
+
+
+def test_the_store_and_the_settings_share_one_default() -> None:
+    import inspect
+
+    from vmm_tierd.engine.store import PageStore
+
+    default = inspect.signature(PageStore.__init__).parameters["sync"].default
+    assert default == StoreSettings().sync == "none"

@@ -105,6 +105,16 @@ class Cycle:
         t = time.perf_counter()
         await self.compact()
         phases["compact"] = time.perf_counter() - t
+        if r.pages.counts.evicted and not self.evictor.paused():
+            await self.trim()
+
+    async def trim(self) -> None:
+        """LMDB's free pages back to the file system, so disk use follows the records."""
+        try:
+            await trio.to_thread.run_sync(self.r.store.trim)
+        except Exception as e:  # only space: the next cycle tries again
+            self.r.report.failed("store.trim", getattr(e, "errno", None) or errno.EIO,
+                                 f"store trim failed: {e}")
 
     async def compact(self) -> int:
         """Deletes (restores, discards) leave dead bytes in the store's segments; once

@@ -31,16 +31,41 @@ from ..kernel.api import KernelError
 from .pages import Batch
 from .ranges import runs
 from .region import RegionCtx
+from .store import StoreError
 from .uffd import STAGING_PAGES
+
+
+PAUSE_MIN_S, PAUSE_MAX_S = 1.0, 60.0
 
 
 class Evictor:
     def __init__(self, r: RegionCtx) -> None:
         self.r = r
         self.staging_dirty = False
+        self.paused_until = 0.0  # a store that can't be written: no eviction till then
+        self.pause_s = 0.0
+
+    def paused(self) -> bool:
+        """Eviction waits while the store can't be written (full disk, read-only or
+        deleted directory, EIO): faults go on being served from what it holds."""
+        if time.monotonic() < self.paused_until:
+            return True
+        h = self.r.store.health()
+        if not h.writable:
+            self._pause("store.put", errno.EROFS, f"the store can't be written: {h.reason}")
+            return True
+        return False
+
+    def _pause(self, op: str, err: int, why: str) -> None:
+        self.pause_s = min(PAUSE_MAX_S, max(PAUSE_MIN_S, self.pause_s * 2))
+        self.paused_until = time.monotonic() + self.pause_s
+        self.r.report.failed(op, err, f"{why}; eviction paused for {self.pause_s:g}s, "
+                                      "faults are still served")
 
     async def evict(self, victims: np.ndarray, phases: dict[str, float]) -> int:
         r = self.r
+        if self.paused():
+            return 0
         victims = r.pages.evictable(np.unique(victims.astype(np.uint64)))
         total = 0
         for off in range(0, len(victims), STAGING_PAGES):
@@ -80,11 +105,17 @@ class Evictor:
         t = self._add(phases, "detach", t)
         try:
             zero = await trio.to_thread.run_sync(self._put, batch.pages, data)
+        except StoreError as e:  # nothing of the batch was written: it stays resident
+            self._pause("store.put", e.errno or errno.EIO,
+                        f"storing {len(batch.pages)} pages in {e.path or 'the store'} "
+                        f"failed ({e.errno_name}), they stay resident: {e}")
+            return None, t
         except Exception as e:
             self.r.report.failed("store.put", getattr(e, "errno", None) or errno.EIO,
                                  f"storing {len(batch.pages)} pages failed, they stay "
                                  f"resident: {e}")
             return None, t
+        self.pause_s = 0.0
         return zero, self._add(phases, "store", t)
 
     def _committed(self, batch: Batch, zero: np.ndarray) -> int:

@@ -54,7 +54,7 @@ class _Faulted(Exception):
 
 class StoreBase(StoreEnv):
     def __init__(self, path: str | os.PathLike[str], *, map_size: int = 8 << 30,
-                 zstd_level: int = 1, sync: str = "commit", instance_id: str | None = None,
+                 zstd_level: int = 1, sync: str = "none", instance_id: str | None = None,
                  segment_pages: int = 32, compact_below: float = 0.5,
                  gc_dead: float = 0.05, compact_in_put: float = 2.0,
                  keep_owner: Callable[[str], bool] | None = None) -> None:

@@ -62,6 +62,7 @@ class VmStatsLike(Protocol):
 
 
 class StoreStatsLike(Protocol):
+    cache_bytes: int
     records: int
     zero_records: int
     raw_records: int
@@ -174,8 +175,10 @@ class StateCollector(Collector):
                  store_stats: Callable[[], StoreStatsLike] | None,
                  interval: Callable[[], float], capabilities: Capabilities | None,
                  strategy: str, store_reclaimed: int = 0,
-                 vm_stats: Callable[[], Sequence[VmStatsLike]] | None = None) -> None:
+                 vm_stats: Callable[[], Sequence[VmStatsLike]] | None = None,
+                 store_health: Callable[[], Any] | None = None) -> None:
         self.vm_stats = vm_stats
+        self.store_health = store_health
         self.region_stats = region_stats
         self.store_stats = store_stats
         self.interval = interval
@@ -210,6 +213,13 @@ class StateCollector(Collector):
                 log.exception("store.stats() failed during a scrape")
             else:
                 yield from self._store(st)
+        if self.store_health is not None:
+            try:
+                h = self.store_health()
+            except Exception:
+                log.exception("store.health() failed during a scrape")
+            else:
+                yield from _health(h)
 
     def _info(self) -> Iterable[Any]:
         b = InfoMetricFamily(f"{NS}_build", "vmm-tierd build")
@@ -243,6 +253,10 @@ class StateCollector(Collector):
                      "byte (NaN when empty)", ratio)
         yield _gauge("store_reclaimed_records", "Records of earlier instances reclaimed when "
                      "the store was opened", self.store_reclaimed)
+        if st.cache_bytes >= 0:
+            yield _gauge("store_cache_bytes", "Page cache the store's data file holds (what "
+                         "evicting guest pages into it still costs in host memory)",
+                         st.cache_bytes)
 
 
 _REGION_GAUGES = (
@@ -281,6 +295,19 @@ def _region_families(regions: Sequence[RegionStatsLike]) -> Iterable[Any]:
     for r in regions:
         cycles.add_metric([vm_of(r.name), r.name], r.cycles)
     yield cycles
+
+
+def _health(h: Any) -> Iterable[Any]:
+    yield _gauge("store_writable", "1 while the store can be written; 0 once it can't "
+                 "before a restart (directory deleted or replaced, file truncated): "
+                 "eviction pauses, faults are still served", 1 if h.writable else 0)
+    errs = CounterMetricFamily(f"{NS}_store_errors", "Failed store operations since open, "
+                               "by errno", labels=["errno"])
+    for name, n in sorted(h.errors.items()):
+        errs.add_metric([name], n)
+    yield errs
+    yield CounterMetricFamily(f"{NS}_store_sigbus", "Faults in LMDB's map of the data file "
+                              "(truncated or unreadable) that were contained", value=h.sigbus)
 
 
 def _vm_families(vms: Sequence[VmStatsLike]) -> Iterable[Any]:

@@ -115,7 +115,8 @@ class Service:
                 return 1
             self.engine = engine
             registry.register(StateCollector(
-                region_stats=self._region_stats, store_stats=store.stats,
+                region_stats=self._region_stats,
+                store_stats=lambda: store.stats(cache=True), store_health=store.health,
                 interval=lambda: self.settings.tracking.interval_s, capabilities=caps,
                 strategy=engine.strategy.value, store_reclaimed=getattr(store, "reclaimed", 0),
                 vm_stats=lambda: self.vms.stats() if self.vms is not None else []))
@@ -126,9 +127,8 @@ class Service:
                 return 1
             log.info("%s backend, kernel %s, strategy %s (%s)", caps.backend, caps.release,
                      engine.strategy.value, caps.reason)
-            if getattr(store, "reclaimed", 0):
-                log.info("reclaimed %d store records left by an earlier instance",
-                         store.reclaimed)
+            for note in getattr(store, "notes", []):  # what opening the store found
+                log.info("store: %s", note)
             try:
                 await self._serve(engine)
             finally:
