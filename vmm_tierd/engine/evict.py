@@ -34,7 +34,6 @@ from .region import RegionCtx
 from .store import StoreError
 from .uffd import STAGING_PAGES
 
-
 PAUSE_MIN_S, PAUSE_MAX_S = 1.0, 60.0
 
 

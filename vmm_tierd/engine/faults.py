@@ -231,10 +231,8 @@ class FaultServer:
         got: list[bytes] = []
         zeros = bytes(self.ps)
         start = lo
-        for q in range(lo, hi):
-            try:
-                d = r.store.get(r.rid, q)
-            except (KeyError, RecordError):
+        for q, d in zip(range(lo, hi), r.store.get_many(r.rid, range(lo, hi)), strict=True):
+            if isinstance(d, (KeyError, RecordError)):
                 if q <= p:
                     if q == p:
                         return False
