@@ -26,6 +26,7 @@ DONE, RETRY, AGAIN = 0, 1, 2
 TRANSIENT = (errno.EAGAIN, errno.ENOMEM, errno.EINTR)
 MAX_READ = 64
 YIELD_EVERY = 256
+FLUSH_AT = 4096  # pages served back before the fault server flushes them itself
 
 
 class FaultServer:
@@ -40,6 +41,7 @@ class FaultServer:
         r = self.r
         # the region is registered before serving starts and never moves
         self.base, self.ps, self.npages = r.uffd.base, r.uffd.ps, r.npages
+        self.fd, self.copy = r.uffd.fd, r.uffd.k.uffd_copy
         self.st = r.pages.view  # the per-page state byte, scalar access
         task_status.started()
         tries = served = 0
@@ -70,7 +72,11 @@ class FaultServer:
                     self.pull()
             # No read here: wait_readable returns at once if more faults came meanwhile,
             # and a read that finds nothing (every single-fault burst) costs a syscall.
-            self.flush()  # the policy hears before any other task runs
+            # No flush either, unless many pages came back: the page table flushes itself
+            # before anything reads what a flush changes (observe, take_deletes, discard,
+            # restore), and BACK pages are never victims meanwhile.
+            if len(r.pages.back) >= FLUSH_AT:
+                self.flush()
             r.store.release_reader()
             # no checkpoint here: wait_readable above always yields to the other tasks
 
@@ -202,9 +208,10 @@ class FaultServer:
     def _from_store(self, p: int, addr: int, t_read: float) -> int:
         """The hot path: get → checksum → decompress (in get) → UFFDIO_COPY."""
         r = self.r
-        n = r.pages.params.prefetch
+        pages = r.pages
+        n = pages.params.prefetch
         if n > 1:
-            lo, hi = r.pages.evicted_with(p, n)
+            lo, hi = pages.evicted_with(p, n)
             if hi - lo > 1 and self._run_from_store(p, lo, hi, t_read):
                 return DONE
         try:
@@ -213,14 +220,19 @@ class FaultServer:
             return self._poison(p, addr, str(e), t_read)
         except KeyError:
             return self._poison(p, addr, "record missing", t_read)
+        kind = "store"
         if data is None:
-            done = r.uffd.zero(addr)
-            kind = "zero"
+            kind = "zero" if r.uffd.zero(addr) else "wake"
         else:
-            done = r.uffd.copy(addr, data)
-            kind = "store"
-        r.pages.served_back(p)  # back in memory; the policy hears in bulk (flush)
-        r.report.fault(kind if done else "wake", t_read)
+            try:  # uffd.copy, inlined: this is the one call per fault that matters
+                self.copy(self.fd, addr, data, 0)
+            except KernelError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+                r.uffd.wake(addr)
+                kind = "wake"
+        pages.served_back(p)  # back in memory; the policy hears in bulk (flush)
+        r.report.fault(kind, t_read)
         return DONE
 
     def _run_from_store(self, p: int, lo: int, hi: int, t_read: float) -> bool:
