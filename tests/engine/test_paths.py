@@ -288,6 +288,8 @@ def test_cycle_compacts_dead_bytes_left_by_deletes() -> None:
             # no prefetch: exactly the pages faulted come back
             h.engine.update_tracking(TrackingSettings(interval_s=0.05, min_age=255,
                                                       prefetch_pages=0))
+            c = h.r.report.c.cycles  # in force once a cycle that began after it ended
+            await h.wait_for(lambda: h.r.report.c.cycles >= c + 2)
             for p in range(0, 128, 2):  # fault half back: their records get deleted
                 r = await h.access(p, AccessKind.READ)
                 assert r.status is AccessStatus.OK and r.data == page_bytes(p, 1), p

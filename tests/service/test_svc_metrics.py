@@ -31,6 +31,7 @@ class FakeRegionStats:
     cycles: int = 5
     interval_s: float = 0.5
     last_cycle_s: float = 0.01
+    loop_hold_max_s: float = 0.002
 
 
 @dataclass

@@ -97,10 +97,11 @@ class Evictor:
         phases[name] = phases.get(name, 0.0) + t - t0
         return t
 
-    async def _store(self, batch: Batch, data: bytes, phases: dict[str, float], t: float
-                     ) -> tuple[np.ndarray | None, float]:
+    async def _store(self, batch: Batch, data: bytes, phases: dict[str, float], t: float,
+                     t_hold: float) -> tuple[np.ndarray | None, float]:
         """Compress + commit the batch off the loop; None if the store failed (the
         pages stay in flight for the caller to put back)."""
+        self.r.report.held(t_hold)
         t = self._add(phases, "detach", t)
         try:
             zero = await trio.to_thread.run_sync(self._put, batch.pages, data)
@@ -183,7 +184,7 @@ class Evictor:
             self._rollback_anon(batch)
             self.staging_dirty = True
             return 0
-        zero, t = await self._store(batch, data, phases, t)
+        zero, t = await self._store(batch, data, phases, t, t)
         if zero is None:
             self._rollback_anon(batch)
             self.staging_dirty = True
@@ -192,6 +193,7 @@ class Evictor:
         self.staging_dirty = True
         self._clean_staging()
         self._add(phases, "drop", t)
+        self.r.report.held(t)
         return n
 
     def _release(self) -> None:
@@ -248,24 +250,34 @@ class Evictor:
 
     # ---- memfd -------------------------------------------------------------------
     async def _evict_memfd(self, victims: np.ndarray, phases: dict[str, float]) -> int:
+        """The victims are in flight before anything else: from then on a fault on one
+        takes it back (CONTINUE / un-protect) and marks it reclaimed, so it is never
+        punched, whatever the scans and reads in worker threads saw of it. So the loop
+        that serves faults is held only for bookkeeping and the punches."""
         r = self.r
         u, tr = r.uffd, r.tracker
         reg = u.region
         ps = u.ps
-        t = time.perf_counter()
+        t = t_hold = time.perf_counter()
         held = tr.holds
         if held:
             tr.hold()
         try:
+            batch = r.pages.detached(victims, 0)
             if held:
                 # Between the scan and hold() a victim may have been touched and
-                # un-protected asynchronously; only pages still protected now are safe.
-                cold, _ = tr.scan()
-                victims = victims[cold[victims]]
-            if not len(victims):
-                return 0
-            rr = runs(victims)
-            batch = r.pages.detached(victims, 0)
+                # un-protected asynchronously (no fault, no reclaim): only pages still
+                # protected now are safe to take.
+                t_hold = r.report.held(t_hold)
+                cold, _ = await trio.to_thread.run_sync(tr.scan)
+                t_hold = time.perf_counter()
+                keep = cold[batch.pages] & ~batch.reclaimed
+                r.pages.returned(batch)
+                if not keep.any():
+                    return 0
+                batch = r.pages.detached(batch.pages[keep], 0)
+            rr = runs(batch.pages)
+            t_hold = r.report.held(t_hold)
             if not held:
                 try:
                     # memfd uffds don't take EVENT_REMOVE, so a local madvise can't block
@@ -279,13 +291,13 @@ class Evictor:
                     self._give_back(batch, held)  # some may be zapped: map them again
                     return 0
             try:
-                data = b"".join(u.k.pread(reg.fd, reg.offset + first * ps, count * ps)
-                                for first, count, _ in rr)
+                # pread reads the page cache, never a mapping: it can't fault.
+                data = await trio.to_thread.run_sync(self._pread, reg.fd, reg.offset, rr)
             except KernelError as e:
                 r.report.error(e, "pread of victims")
                 self._give_back(batch, held)
                 return 0
-            zero, t = await self._store(batch, data, phases, t)
+            zero, t = await self._store(batch, data, phases, t, time.perf_counter())
             if zero is None:
                 self._give_back(batch, held)
                 return 0
@@ -294,10 +306,15 @@ class Evictor:
             if len(unpunched) and not held:
                 self._remap(unpunched)
             self._add(phases, "drop", t)
+            r.report.held(t)
             return n
         finally:
             if held:
                 self._release()
+
+    def _pread(self, fd: int, offset: int, rr: list[tuple[int, int, int]]) -> bytes:
+        ps, k = self.r.uffd.ps, self.r.uffd.k
+        return b"".join(k.pread(fd, offset + first * ps, count * ps) for first, count, _ in rr)
 
     def _give_back(self, batch: Batch, held: bool) -> None:
         self.r.pages.returned(batch)

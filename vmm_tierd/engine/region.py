@@ -33,6 +33,7 @@ class Counters:
     cycles: int = 0
     last_cycle_s: float = 0.0
     errors: int = 0
+    hold_max_s: float = 0.0  # longest time cycle/eviction work held the fault loop
 
 
 class Report:
@@ -49,6 +50,14 @@ class Report:
         f = self.c.faults
         f[kind] = f.get(kind, 0) + 1
         self.obs.fault_served(self.name, kind, perf_counter() - t_read)
+
+    def held(self, t0: float) -> float:
+        """A stretch of cycle or eviction work that ran on the loop that serves faults,
+        from ``t0`` to now; returns now."""
+        t = perf_counter()
+        if t - t0 > self.c.hold_max_s:
+            self.c.hold_max_s = t - t0
+        return t
 
     def error(self, e: KernelError, where: str) -> None:
         self.c.errors += 1

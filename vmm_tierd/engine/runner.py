@@ -45,6 +45,7 @@ class RegionStats:
     cycles: int
     interval_s: float
     last_cycle_s: float
+    loop_hold_max_s: float = 0.0
 
 
 class RegionRunner:
@@ -160,4 +161,5 @@ class RegionRunner:
             poisoned_pages=pg.poisoned_pages, poisoned_total=pg.counts.poisoned,
             faults=dict(c.faults), evictions_total=pg.counts.evicted,
             refaults_total=pg.counts.refaults, cycles=c.cycles,
-            interval_s=r.tracking.interval_s, last_cycle_s=c.last_cycle_s)
+            interval_s=r.tracking.interval_s, last_cycle_s=c.last_cycle_s,
+            loop_hold_max_s=c.hold_max_s)

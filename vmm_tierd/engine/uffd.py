@@ -19,7 +19,9 @@ from collections.abc import Callable
 from ..kernel import uapi
 from ..kernel.api import Kernel, KernelError, Region
 
-STAGING_PAGES = 4096  # pages per eviction batch (16 MiB of staging for anon)
+# Pages per eviction batch (4 MiB of staging for anon): the MOVEs and the copy out of
+# staging run on the loop that serves faults, so a batch bounds how long it is held.
+STAGING_PAGES = 1024
 
 
 class RegionUffd:

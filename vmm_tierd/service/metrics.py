@@ -47,6 +47,7 @@ class RegionStatsLike(Protocol):
     cycles: int
     interval_s: float
     last_cycle_s: float
+    loop_hold_max_s: float
 
 
 class VmStatsLike(Protocol):
@@ -269,6 +270,8 @@ _REGION_GAUGES = (
     ("poisoned_pages", "Pages currently poisoned"),
     ("last_cycle_seconds", "Duration of the region's last tracking cycle"),
     ("interval_seconds", "Tracking interval the region's cycles run with"),
+    ("loop_hold_max_seconds", "Longest stretch of the region's cycle or eviction work on "
+                              "the loop that serves faults (faults wait meanwhile)"),
 )
 
 
@@ -279,7 +282,8 @@ def vm_of(region: str) -> str:
 
 
 def _region_families(regions: Sequence[RegionStatsLike]) -> Iterable[Any]:
-    attrs = {"last_cycle_seconds": "last_cycle_s", "interval_seconds": "interval_s"}
+    attrs = {"last_cycle_seconds": "last_cycle_s", "interval_seconds": "interval_s",
+             "loop_hold_max_seconds": "loop_hold_max_s"}
     info = GaugeMetricFamily(f"{NS}_region_info", "Guest regions and their memory type",
                              labels=["vm", "region", "memtype"])
     for r in regions:
