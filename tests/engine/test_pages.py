@@ -289,7 +289,7 @@ def test_served_back_is_back_until_flushed() -> None:
     t = table(4, refault_hold=2)
     evict(t, [0])
     t.served_back(0)
-    assert t.kind(0) == BACK and t.evicted_pages == 1 and t.once(0)
+    assert t.kind(0) == BACK and t.evicted_pages == 0 and t.once(0)
     assert t.flush() == 1
     assert t.kind(0) == RESIDENT and t.once(0) and t.evicted_pages == 0
 
@@ -384,3 +384,16 @@ def test_a_page_that_keeps_coming_back_gets_a_doubling_hold() -> None:
     evict(t, [0])
     observe(t, np.ones(2, dtype=bool))
     assert back(t, [0]) == 1 and t.state[0] >> 3 == 4  # starts over
+
+
+def test_served_back_pages_count_as_resident_not_evicted_before_the_flush() -> None:
+    """resident + evicted never exceed the region, also between a fault and the flush
+    (the fault server flushes in bulk)."""
+    t = table(8)
+    observe(t, np.ones(8, dtype=bool))
+    evict(t, [0, 1, 2, 3], zero=True)
+    assert (t.resident_pages, t.evicted_pages, t.zero_pages) == (4, 4, 4)
+    t.served_back(1)
+    assert (t.resident_pages, t.evicted_pages, t.zero_pages) == (5, 3, 3)
+    t.flush()
+    assert (t.resident_pages, t.evicted_pages, t.zero_pages) == (5, 3, 3)

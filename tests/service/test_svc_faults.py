@@ -226,3 +226,31 @@ def test_http_floods_leave_the_daemon_serving(backend: str, tmp_path: Path,
     dropped = sum(v for lab, v in m["vmm_tierd_metrics_http_dropped_connections_total"])
     assert dropped >= flood["503"], (dropped, flood)
     stop_verified(d)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs for the store")
+@pytest.mark.parametrize("backend", ["fake", LINUX])
+def test_a_full_disk_pauses_eviction_and_the_guest_verifies(
+        backend: str, tmp_path: Path, start_daemon: StartDaemon) -> None:
+    """The store's filesystem fills up while the daemon runs: eviction pauses with one
+    rate-limited line naming the path and ENOSPC, faults go on being served, the errno
+    is counted, and the stop is graceful with every page verified."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        cfg = small_config(tmp_path, interval="100ms")
+        cfg.write_text(cfg.read_text().replace(f'path = "{tmp_path / "store"}"',
+                                               f'path = "{mnt / "store"}"'))
+        d: Daemon = start_daemon(["--config", str(cfg), "--backend", backend, "--verify"])
+        d.wait_ready()
+        d.wait_for(r"ENOSPC.*eviction paused|eviction paused.*ENOSPC", timeout=90)
+        poll_until(lambda: value(d.scrape(), "vmm_tierd_store_errors_total",
+                                 errno="ENOSPC") >= 1, 30, "ENOSPC counted")
+        still_cycling(d)
+        stop_verified(d)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

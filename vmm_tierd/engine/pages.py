@@ -90,7 +90,7 @@ class PageTable:
         self.back: list[int] = []  # BACK pages the policy has not heard of
         self._deletes: list[int] = []  # records to delete once their page is not EVICTED
         self.counts = Transitions()
-        self._evicted = 0  # pages of kind EVICTED or BACK
+        self._evicted = 0  # pages of kind EVICTED (BACK ones are in memory already)
         self._poisoned = 0
         self._present = 0  # resident pages present in memory (from the last scan, live)
         self._ws = self._cold = 0
@@ -130,6 +130,7 @@ class PageTable:
         self.view[p] |= BACK
         self.back.append(p)
         self._present += 1
+        self._evicted -= 1
 
     def zero_filled(self) -> None:
         """A never-evicted page was populated with zeros by a MISSING fault."""
@@ -149,10 +150,10 @@ class PageTable:
         k = s & KIND
         if k == POISONED:
             return False
-        if k != RESIDENT:
+        if k == EVICTED:
             self._evicted -= 1
-            if k == BACK:
-                self.back.remove(p)
+        elif k == BACK:
+            self.back.remove(p)
         self.view[p] = POISONED
         self._poisoned += 1
         self.counts.poisoned += 1
@@ -189,14 +190,13 @@ class PageTable:
             else:
                 st[p] = ONCE
             age[p] = 0
-            self._evicted -= 1
         return n
 
     def _to_resident(self, pages: np.ndarray) -> int:
-        """EVICTED/BACK pages among ``pages`` become RESIDENT (refault accounting)."""
+        """BACK pages among ``pages`` become RESIDENT (refault accounting)."""
         p = np.unique(pages)
         st = self.state[p]
-        ev = (st & 1) == 1  # EVICTED or BACK
+        ev = (st & KIND) == BACK
         p, st = p[ev], st[ev]
         since = np.uint8(self.cycle & 0xFF) - self.age[p]
         refault = ((st & EXPIRED) == 0) & (since <= self.params.window)
@@ -206,7 +206,6 @@ class PageTable:
         self.state[p] = np.where(refault, (held << HOLD_SHIFT) | np.uint8(ONCE),
                                  np.uint8(ONCE))
         self.age[p] = 0
-        self._evicted -= len(p)
         return int(np.count_nonzero(refault))
 
     # ---- the eviction path --------------------------------------------------------------
@@ -272,7 +271,7 @@ class PageTable:
         ev = k != RESIDENT
         n = int(np.count_nonzero(ev))
         if n:
-            self._evicted -= int(np.count_nonzero(ev & (k != POISONED)))
+            self._evicted -= int(np.count_nonzero(k == EVICTED))
             self._poisoned -= int(np.count_nonzero(k == POISONED))
             self._deletes.extend((np.flatnonzero(ev) + first).tolist())
         sl[:] = 0
@@ -360,7 +359,8 @@ class PageTable:
     @property
     def zero_pages(self) -> int:
         """Evicted pages whose record is a zero page."""
-        return int(np.count_nonzero((self.state & (ZERO | 1)) == (ZERO | 1)))
+        st = self.state
+        return int(np.count_nonzero(((st & KIND) == EVICTED) & ((st & ZERO) != 0)))
 
     @property
     def metadata_bytes_per_page(self) -> float:
