@@ -10,6 +10,13 @@
 #     -v vmm-tierd-state:/var/lib/vmm-tierd \
 #     vmm-tierd run --config /etc/vmm-tierd/vmm-tierd.toml --metrics-listen 0.0.0.0:9187
 #
+# Tier a VM running on the host (attach): the daemon must see the VMM's process and
+# trace it, so share the host's pid namespace and grant ptrace:
+#   docker run --rm --pid=host --cap-add SYS_PTRACE --device /dev/userfaultfd \
+#     --stop-timeout 70 -p 127.0.0.1:9187:9187 -v vmm-tierd-state:/var/lib/vmm-tierd \
+#     vmm-tierd attach --pid "$(pidof qemu-system-x86_64)" --metrics-listen 0.0.0.0:9187
+# (a detach brings every evicted page back into the VM first: give it the deadline.)
+#
 # Metrics: the image's command listens on 0.0.0.0:9187 on purpose. The container has its
 # own network namespace, so its loopback (the daemon's default) is unreachable from
 # outside and EXPOSE would do nothing; 0.0.0.0 inside it is reachable only through a
@@ -23,7 +30,8 @@
 #   unless the host sets vm.unprivileged_userfaultfd=1; Docker's default seccomp profile
 #   also blocks that syscall. The device is the simple, precise way.
 # - --device /dev/kvm only when the guest regions back KVM guests.
-# - No --privileged, no SYS_PTRACE, no SYS_ADMIN with the device.
+# - No --privileged, no SYS_ADMIN with the device; SYS_PTRACE (and --pid=host) only to
+#   attach to a VMM outside the container.
 #
 # Stopping: guest memory lives in this process. `docker stop` sends SIGTERM and the
 # daemon brings every evicted page back before exiting, within daemon.shutdown_deadline
