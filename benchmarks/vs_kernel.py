@@ -27,14 +27,13 @@ import json
 import os
 import queue
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE, Popen
 from typing import Any, TextIO
@@ -43,34 +42,23 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
+from vs_kernel_configs import CONFIGS, DAMOS_MIN_AGE_S, PACES, Config, daemon_config  # noqa: E402
 from vs_kernel_host import NAME_PREFIX, Host, Restorer, Unavailable, snapshot_diff  # noqa: E402
-from vs_kernel_report import compare, figures, goals, plot, summarize, table  # noqa: E402
+from vs_kernel_parse import parse_task_cpu  # noqa: E402
+from vs_kernel_report import (  # noqa: E402
+    LEGEND,
+    compare,
+    details,
+    figures,
+    goals,
+    plot,
+    summarize,
+    table,
+)
 
 TICK = os.sysconf("SC_CLK_TCK")
-DAMOS_MIN_AGE_S = 6.0  # = vmm-tierd's default: min_age 2 intervals of 3 s
 STARTUP_ALLOWANCE_S = 180.0
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@dataclass(frozen=True)
-class Config:
-    key: str
-    label: str
-    kind: str  # none | daemon | zram | damos
-    tracking: dict[str, Any] = field(default_factory=dict)
-    limit_from: str | None = None
-
-
-CONFIGS = (
-    Config("none", "no tiering", "none"),
-    Config("tierd", "vmm-tierd default", "daemon"),
-    Config("tierd-aggr", "vmm-tierd aggressive (1s, min_age 1)", "daemon",
-           {"interval": "1s", "min_age": 1}),
-    Config("zram", "zram lz4, limit = default's anon", "zram", limit_from="tierd"),
-    Config("zram-aggr", "zram lz4, limit = aggressive's anon", "zram", limit_from="tierd-aggr"),
-    Config("damos", f"DAMOS pageout (cold {DAMOS_MIN_AGE_S:g} s) + zram", "damos"),
-)
-PACES = {"paced": 20000.0, "unpaced": 0.0}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -106,51 +94,7 @@ class Options:
     state_file: Path = Path("/run/vmm-tierd-vs-kernel.json")
 
 
-def dump_toml(doc: dict[str, Any]) -> str:
-    """TOML for a config document of tables, arrays of tables and scalars."""
-    out: list[str] = []
-
-    def val(v: Any) -> str:
-        return ("true" if v else "false") if isinstance(v, bool) else (
-            json.dumps(v) if isinstance(v, str) else repr(v))
-
-    def tab(name: str, d: dict[str, Any], array: bool = False) -> None:
-        out.append(f"[[{name}]]" if array else f"[{name}]")
-        out.extend(f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict))
-        for k, v in d.items():
-            if isinstance(v, dict):
-                tab(f"{name}.{k}", v)
-
-    for k, v in doc.items():
-        if isinstance(v, dict):
-            tab(k, v)
-        elif isinstance(v, list):
-            for item in v:
-                tab(k, item, array=True)
-        else:
-            out.insert(0, f"{k} = {val(v)}")
-    return "\n".join(out) + "\n"
-
-
-def daemon_config(cfg: Config, pace: str, run_dir: Path, size_mib: int) -> Path:
-    """The embedded default (vmm_tierd/defaults/default.toml) with its store in run_dir,
-    metrics on a free loopback port, the configuration's tracking and the pace."""
-    text = resources.files("vmm_tierd").joinpath("defaults/default.toml").read_text("utf-8")
-    doc = tomllib.loads(text)
-    doc["daemon"]["metrics_listen"] = "127.0.0.1:0"
-    doc["store"]["path"] = str(run_dir / "store")
-    doc["tracking"].update(cfg.tracking)
-    region = doc["region"][0]
-    region["size"] = f"{size_mib}MiB"
-    region["workload"]["ops_per_sec"] = PACES[pace]
-    path = run_dir / "vmm-tierd.toml"
-    path.write_text(dump_toml(doc))
-    return path
-
-
 def cpu_seconds(pids: list[int]) -> float:
-    from vs_kernel_host import parse_task_cpu
-
     total = 0.0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError):
@@ -219,8 +163,11 @@ class Bench:
                                "round": rnd, "kind": cfg.kind, "load": os.getloadavg()[0]}
         mark = r.mark()
         log_path: Path | None = None
+        proc: Popen[str] | None = None
         try:
             with signals_blocked():
+                if cfg.kind == "damos":
+                    host.damos_check()  # before anything is set up for nothing
                 limit = None
                 if cfg.limit_from:
                     limit = self.limits.get((cfg.limit_from, pace, rnd))
@@ -273,6 +220,9 @@ class Bench:
         finally:
             with signals_blocked():
                 self.restore_errors += r.restore(mark)
+            if proc is not None:  # reaped by the restore already: just the status
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
         return row
 
     def run(self) -> list[dict[str, Any]]:
@@ -346,7 +296,7 @@ def report(res: dict[str, Any], out: Path | None, log: TextIO) -> None:
                                                r["round"]))
     text = table(rows)
     l0, l1 = res["load_start"], res["load_end"]
-    lines = [text, "", *goals(rows), "",
+    lines = [text, "", LEGEND, "", *details(rows), "", *goals(rows), "",
              f"load at start {l0[0]:.2f} {l0[1]:.2f} {l0[2]:.2f}, at end {l1[0]:.2f} "
              f"{l1[1]:.2f} {l1[2]:.2f}; {res['seconds']:.0f} s in all"]
     print("\n".join(lines), file=log, flush=True)

@@ -1,7 +1,7 @@
 """Host side of benchmarks/vs_kernel.py: memory cgroups (v1 or v2), a zram swap device and
 a DAMOS pageout scheme, each change undone by a :class:`Restorer`.
 
-Every change is registered as data (an action such as ``{"op": "rmdir", "path": ...}``)
+Every change is registered as data (an action such as ``{"op": "rmcgroup", "path": ...}``)
 before or right after it is made, and the list is kept in a state file as it changes, so
 that a run killed with SIGKILL is undone by the next start (or ``vs_kernel.py --restore``).
 All paths hang off ``Host.root`` and every command goes through ``Host.cmd``, so the tests
@@ -22,10 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vs_kernel_parse import (
+    MemSample,
+    mem_from_v1,
+    mem_from_v2,
+    parse_keyed,
+    parse_proc_cgroup,
+    parse_start_time,
+    parse_swaps,
+)
+
 Cmd = Callable[[Sequence[str]], None]
-MM_STAT_FIELDS = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit",
-                  "mem_used_max", "same_pages", "pages_compacted", "huge_pages",
-                  "huge_pages_since")
 NAME_PREFIX = "vmm-vsk-"  # every cgroup this benchmark creates
 
 
@@ -37,85 +44,6 @@ def run_cmd(argv: Sequence[str]) -> None:
     r = subprocess.run(list(argv), capture_output=True, text=True, timeout=300)
     if r.returncode:
         raise RuntimeError(f"{' '.join(argv)}: exit {r.returncode}: {r.stderr.strip()}")
-
-
-# ---- parsing (pure) ------------------------------------------------------------------
-def parse_keyed(text: str) -> dict[str, int]:
-    """``key value`` lines (memory.stat, cpu.stat); lines that are not that are skipped."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            with contextlib.suppress(ValueError):
-                out[parts[0]] = int(parts[1])
-    return out
-
-
-def parse_mm_stat(text: str) -> dict[str, int]:
-    """zram's mm_stat; kernels before 5.x have fewer fields, so only three are required."""
-    vals = text.split()
-    if len(vals) < 3 or not all(v.lstrip("-").isdigit() for v in vals):
-        raise ValueError(f"mm_stat: expected at least 3 integers, got {text.strip()!r}")
-    return {k: int(v) for k, v in zip(MM_STAT_FIELDS, vals, strict=False)}
-
-
-def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
-    """(v1 memory cgroup path, v2 path) from /proc/PID/cgroup."""
-    v1 = v2 = None
-    for line in text.splitlines():
-        hid, _, rest = line.partition(":")
-        ctrls, _, path = rest.partition(":")
-        if hid == "0" and ctrls == "":
-            v2 = path
-        elif "memory" in ctrls.split(","):
-            v1 = path
-    return v1, v2
-
-
-def parse_task_cpu(text: str) -> tuple[int, int]:
-    """(utime, stime) in clock ticks from a /proc/PID[/task/TID]/stat line; the command
-    name may contain spaces and parentheses, so fields are counted after the last ')'."""
-    rest = text[text.rindex(")") + 2:].split()
-    return int(rest[11]), int(rest[12])
-
-
-def parse_start_time(text: str) -> int:
-    return int(text[text.rindex(")") + 2:].split()[19])
-
-
-def parse_swaps(text: str) -> list[str]:
-    return [line.split()[0] for line in text.splitlines()[1:] if line.strip()]
-
-
-@dataclass(frozen=True, slots=True)
-class MemSample:
-    """Bytes charged to one memory cgroup. ``kernel``: the rest of usage (page tables,
-    slab, kernel stacks), which v1 and v2 both charge to the same counter."""
-
-    usage: int
-    anon: int
-    file: int
-    swap: int
-    mapped_file: int
-    pgmajfault: int
-
-    @property
-    def kernel(self) -> int:
-        return max(0, self.usage - self.anon - self.file)
-
-
-def mem_from_v1(stat: dict[str, int], usage: int) -> MemSample:
-    def g(k: str) -> int:  # total_* is the hierarchy's; ours has no children, either works
-        return stat.get("total_" + k, stat.get(k, 0))
-
-    return MemSample(usage=usage, anon=g("rss"), file=g("cache"), swap=g("swap"),
-                     mapped_file=g("mapped_file"), pgmajfault=g("pgmajfault"))
-
-
-def mem_from_v2(stat: dict[str, int], current: int, swap: int) -> MemSample:
-    return MemSample(usage=current, anon=stat.get("anon", 0), file=stat.get("file", 0),
-                     swap=swap, mapped_file=stat.get("file_mapped", 0),
-                     pgmajfault=stat.get("pgmajfault", 0))
 
 
 # ---- a memory cgroup -----------------------------------------------------------------
@@ -219,14 +147,10 @@ class Host:
         return blk
 
     # -- DAMOS pageout
-    def damos_start(self, r: Restorer, pid: int, cgroup: Cgroup, min_age_s: float,
-                    aggr_us: int = 100_000) -> int:
-        """A kdamond of our own with one pageout scheme for regions not accessed for
-        ``min_age_s``: on the runner's address space (vaddr), or on physical memory with a
-        filter keeping only the runner's cgroup (paddr). Returns the kdamond's pid.
-
-        Refused when any kdamond exists: writing nr_kdamonds rebuilds every kdamond
-        directory (dropping their configuration) and is EBUSY while one runs."""
+    def damos_check(self) -> Path:
+        """The kdamonds directory if we may set up a kdamond of our own, else Unavailable:
+        writing nr_kdamonds rebuilds every kdamond directory (dropping the configuration
+        of any that exist) and is EBUSY while one runs, so only nr_kdamonds 0 is ours."""
         adm = self.p("/sys/kernel/mm/damon/admin/kdamonds")
         if not (adm / "nr_kdamonds").exists():
             raise Unavailable("no DAMON sysfs (/sys/kernel/mm/damon/admin)")
@@ -236,6 +160,16 @@ class Host:
             raise Unavailable(f"DAMON is taken: {nr} kdamond(s) already configured "
                               f"(state {', '.join(states)}); nr_kdamonds can only change "
                               f"while none runs, and changing it drops their setup")
+        return adm
+
+    def damos_start(self, r: Restorer, pid: int, cgroup: Cgroup, min_age_s: float,
+                    aggr_us: int = 100_000) -> int:
+        """A kdamond of our own with one pageout scheme for regions not accessed for
+        ``min_age_s``: on the runner's address space (vaddr), or on physical memory with a
+        filter keeping only the runner's cgroup (paddr). Returns the kdamond's pid.
+
+        Refused when any kdamond exists (see damos_check)."""
+        adm = self.damos_check()
         (adm / "nr_kdamonds").write_text("1")
         r.push("write", path=str(adm / "nr_kdamonds"), value="0")
         k = adm / "0"
@@ -427,6 +361,5 @@ def snapshot_diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
             for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
 
 
-__all__ = ["Cgroup", "Host", "MemSample", "Restorer", "Unavailable",
-           "mem_from_v1", "mem_from_v2", "parse_keyed", "parse_mm_stat",
-           "parse_proc_cgroup", "parse_swaps", "parse_task_cpu", "snapshot_diff"]
+__all__ = ["NAME_PREFIX", "Cgroup", "Host", "MemSample", "Restorer", "Unavailable",
+           "snapshot_diff"]

@@ -126,7 +126,8 @@ COLUMNS: list[tuple[str, str, str]] = [  # (key, header, format)
     ("slowdown", "slowdown%", ".1f"), ("anon", "anon", "mib"), ("file", "pagecache", "mib"),
     ("zram_pool", "zram pool", "mib"), ("kernel", "kernel", "mib"), ("host", "host MiB", "mib"),
     ("saved", "saved%", ".1f"), ("cpu", "CPU%", ".1f"), ("extra_cpu", "extra%", ".1f"),
-    ("tier_cpu", "tier CPU%", ".1f"), ("probe_p50", "probe p50", ".1f"),
+    ("tier_cpu", "tier CPU%", ".1f"), ("wl_sys", "wl sys%", ".1f"),
+    ("probe_p50", "probe p50", ".1f"),
     ("probe_p99", "p99 µs", ".0f"), ("probe_max", "max µs", ",.0f"),
     ("faults_s", "faults/s", ",.0f"), ("limit", "limit", "mib"),
 ]
@@ -157,6 +158,51 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             out.append("  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i])
                                  for i, c in enumerate(ln)))
     return "\n".join(out)
+
+
+LEGEND = """\
+ops/s: workload ops per second, mean over the window; worst s: its worst second. host MiB:
+the run's memory cgroup (anon + page cache + kernel: page tables, slab) plus zram's pool,
+which no cgroup is charged for; saved%: against no tiering of the same pace and round.
+CPU%: the run's process (workload threads included), % of one core; extra%: that minus no
+tiering's, plus kswapd; tier CPU%: vmm-tierd's own threads (the process minus the workload
+and benchmark threads); wl sys%: the workload threads' system time (zram compresses in
+direct reclaim and decompresses on swap-in there). probe: one read of a page that was hot
+15-40 s ago, 20 times a second, timed in C by the reading thread (µs). faults/s: faults the
+daemon served, or the cgroup's major faults (zram swap-ins). limit: the zram run's
+memory cgroup limit, the anon the vmm-tierd run of the same pace and round kept.
+Unpaced runs take whatever CPU is free: their CPU figures are not costs, read slowdown."""
+
+
+def details(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line of secondary figures per run."""
+    out = []
+    for r in rows:
+        if "error" in r:
+            continue
+        tag = f"{r['pace']} {r['label']}"
+        probe = (f"probe faulted {r['probe_faulted']:.0f}% of {r['probe_n']}"
+                 + (f", {r['probe_stuck']} stuck" if r.get("probe_stuck") else "")
+                 if "probe_faulted" in r else "no probes")
+        if r.get("mode") == "daemon":
+            svc = "/".join("–" if r.get(k) is None else f"{r[k]:,.0f}"
+                           for k in ("svc_p50", "svc_p99"))
+            cached = r.get("store_cached")
+            out.append(f"{tag}: guest memory resident {r['resident'] / MiB:,.0f} MiB, "
+                       f"evicted {r['evicted'] / MiB:,.0f} MiB, store file "
+                       f"{r['store_disk'] / MiB:,.0f} MiB on disk"
+                       + ("" if cached is None else f", {cached / MiB:,.0f} MiB of it cached"
+                          " (fincore at the end)")
+                       + f"; daemon's fault service p50/p99 <= {svc} µs (its histogram's "
+                       f"buckets); {probe}")
+        elif r.get("zram_orig"):
+            ratio = r["zram_orig"] / r["zram_pool"] if r["zram_pool"] else 0.0
+            out.append(f"{tag}: zram holds {r['zram_orig'] / MiB:,.0f} MiB in a "
+                       f"{r['zram_pool'] / MiB:,.0f} MiB pool ({ratio:.2f}x); swapped "
+                       f"{r.get('swap', 0) / MiB:,.0f} MiB; {probe}")
+        else:
+            out.append(f"{tag}: {probe}")
+    return out
 
 
 def _find(rows: Sequence[dict[str, Any]], config: str, pace: str) -> list[dict[str, Any]]:
@@ -196,10 +242,11 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> str:
     except ImportError:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    order = list(dict.fromkeys(r["config"] for r in rows))  # one colour per configuration
     for ax, pace in zip(axes, ("paced", "unpaced"), strict=True):
         pts = [r for r in rows if r["pace"] == pace and "saved" in r]
-        for i, r in enumerate(pts):
-            c = f"C{i % 10}"
+        for r in pts:
+            c = f"C{order.index(r['config']) % 10}"
             ax.plot([r["slowdown"], r["worst_slowdown"]], [r["saved"]] * 2, color=c, lw=0.8)
             ax.scatter([r["slowdown"]], [r["saved"]], color=c, s=40, zorder=3,
                        label=f"{r['label']} (r{r['round']})")

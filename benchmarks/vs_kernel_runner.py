@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from bench_faults import Faulter  # noqa: E402
-from vs_kernel_host import Cgroup, parse_mm_stat, parse_task_cpu  # noqa: E402
+from vs_kernel_host import Cgroup  # noqa: E402
+from vs_kernel_parse import parse_mm_stat, parse_task_cpu  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 PROBE_TIMEOUT_S = 30.0

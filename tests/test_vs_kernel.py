@@ -18,13 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import vs_kernel  # noqa: E402
+import vs_kernel_configs as configs  # noqa: E402
 import vs_kernel_report as rep  # noqa: E402
-from vs_kernel_host import (  # noqa: E402
-    Cgroup,
-    Host,
-    Restorer,
-    Unavailable,
+from vs_kernel_host import Cgroup, Host, Restorer, Unavailable, snapshot_diff  # noqa: E402
+from vs_kernel_parse import (  # noqa: E402
     mem_from_v1,
     mem_from_v2,
     parse_keyed,
@@ -32,7 +29,6 @@ from vs_kernel_host import (  # noqa: E402
     parse_proc_cgroup,
     parse_swaps,
     parse_task_cpu,
-    snapshot_diff,
 )
 
 V1_STAT = """cache 4096000
@@ -198,6 +194,21 @@ def test_compare_against_no_tiering_of_the_same_pace_and_round() -> None:
     assert f["paced default: memory saved"]["ref"] == 30.0
 
 
+def test_details_name_what_each_kind_of_run_holds() -> None:
+    lines = rep.details([
+        {"pace": "paced", "label": "t", "mode": "daemon", "resident": 300 * rep.MiB,
+         "evicted": 700 * rep.MiB, "store_disk": 400 * rep.MiB,
+         "store_cached": 350 * rep.MiB, "svc_p50": 35.0, "svc_p99": None,
+         "probe_faulted": 80.0, "probe_n": 10, "probe_stuck": 1},
+        {"pace": "paced", "label": "z", "mode": "plain", "zram_orig": 500 * rep.MiB,
+         "zram_pool": 250 * rep.MiB, "swap": 500 * rep.MiB},
+        {"pace": "paced", "label": "d", "error": "no DAMON"}])
+    assert len(lines) == 2
+    assert "resident 300 MiB" in lines[0] and "350 MiB of it cached" in lines[0]
+    assert "p50/p99 <= 35/– µs" in lines[0] and "1 stuck" in lines[0]
+    assert "500 MiB in a 250 MiB pool (2.00x)" in lines[1] and "no probes" in lines[1]
+
+
 def test_plot_writes_a_png_when_matplotlib_is_there(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     rows = [{"config": "tierd", "label": "t", "pace": "paced", "round": 1, "saved": 19.0,
@@ -210,8 +221,8 @@ def test_plot_writes_a_png_when_matplotlib_is_there(tmp_path: Path) -> None:
 def test_daemon_config_is_the_embedded_default_with_our_changes(tmp_path: Path) -> None:
     from vmm_tierd.service.config import default_settings, load_settings
 
-    aggr = next(c for c in vs_kernel.CONFIGS if c.key == "tierd-aggr")
-    s = load_settings(vs_kernel.daemon_config(aggr, "unpaced", tmp_path, 256))
+    aggr = next(c for c in configs.CONFIGS if c.key == "tierd-aggr")
+    s = load_settings(configs.daemon_config(aggr, "unpaced", tmp_path, 256))
     d = default_settings()
     assert s.store.path == tmp_path / "store"
     assert s.daemon.metrics_listen == "127.0.0.1:0"
@@ -219,7 +230,7 @@ def test_daemon_config_is_the_embedded_default_with_our_changes(tmp_path: Path) 
     r = s.regions[0]
     assert r.size_bytes == 256 << 20
     assert r.workload == dataclasses.replace(d.regions[0].workload, ops_per_sec=0.0)
-    paced = load_settings(vs_kernel.daemon_config(vs_kernel.CONFIGS[1], "paced", tmp_path,
+    paced = load_settings(configs.daemon_config(configs.CONFIGS[1], "paced", tmp_path,
                                                   1024))
     assert paced.tracking == d.tracking and paced.regions[0].workload == d.regions[0].workload
 
@@ -227,7 +238,7 @@ def test_daemon_config_is_the_embedded_default_with_our_changes(tmp_path: Path) 
 def test_dump_toml_round_trips() -> None:
     doc = {"a": {"x": 1, "y": "s\"q", "z": True, "w": 0.5},
            "region": [{"name": "g", "workload": {"n": 2}}, {"name": "h"}]}
-    assert tomllib.loads(vs_kernel.dump_toml(doc)) == doc
+    assert tomllib.loads(configs.dump_toml(doc)) == doc
 
 
 # ---- the restore logic on a fake tree ------------------------------------------------------
