@@ -43,7 +43,14 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
 from vs_kernel_configs import CONFIGS, DAMOS_MIN_AGE_S, PACES, Config, daemon_config  # noqa: E402
-from vs_kernel_host import NAME_PREFIX, Host, Restorer, Unavailable, snapshot_diff  # noqa: E402
+from vs_kernel_host import (  # noqa: E402
+    NAME_PREFIX,
+    Cgroup,
+    Host,
+    Restorer,
+    Unavailable,
+    snapshot_diff,
+)
 from vs_kernel_parse import parse_task_cpu  # noqa: E402
 from vs_kernel_report import (  # noqa: E402
     LEGEND,
@@ -164,11 +171,12 @@ class Bench:
         mark = r.mark()
         log_path: Path | None = None
         proc: Popen[str] | None = None
+        cg: Cgroup | None = None
+        limit: int | None = None
         try:
             with signals_blocked():
                 if cfg.kind == "damos":
                     host.damos_check()  # before anything is set up for nothing
-                limit = None
                 if cfg.limit_from:
                     limit = self.limits.get((cfg.limit_from, pace, rnd))
                     if limit is None:
@@ -216,6 +224,9 @@ class Bench:
         except (OSError, RuntimeError, TimeoutError, ValueError) as e:
             tail = log_path.read_text()[-1500:] if log_path and log_path.exists() else ""
             row["error"] = f"{type(e).__name__}: {e}"
+            if cg is not None and cg.oom_kills():
+                row["error"] = (f"OOM-killed by its memory cgroup (limit "
+                                f"{(limit or 0) >> 20} MiB): reclaim did not keep up")
             self.say(f"   failed: {row['error']}\n{tail}")
         finally:
             with signals_blocked():

@@ -62,6 +62,14 @@ class Cgroup:
     def pids(self) -> list[int]:
         return [int(x) for x in (self.path / "cgroup.procs").read_text().split()]
 
+    def oom_kills(self) -> int:
+        """Processes the kernel's OOM killer ended in this cgroup (its limit held)."""
+        f = self.path / ("memory.oom_control" if self.version == 1 else "memory.events")
+        try:
+            return parse_keyed(f.read_text()).get("oom_kill", 0)
+        except OSError:
+            return 0
+
     def sample(self) -> MemSample:
         stat = parse_keyed((self.path / "memory.stat").read_text())
         if self.version == 1:

@@ -291,6 +291,11 @@ def test_cgroup_limit_and_sample_v1_and_v2(tmp_path: Path) -> None:
     v2.set_limit(4096)
     assert (d2 / "memory.max").read_text() == "4096"
     assert v2.sample().swap == 0 and v2.sample().usage == 1500
+    assert v1.oom_kills() == 0 and v2.oom_kills() == 0  # no file: none
+    (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\n"
+                                                 "oom_kill 2\n")
+    (d2 / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
+    assert v1.oom_kills() == 2 and v2.oom_kills() == 1
 
 
 def test_cgroup_parent_on_pure_v2(tmp_path: Path) -> None:
