@@ -8,7 +8,7 @@ A benchmark is a function ``(quick: bool) -> dict[str, figure]`` listed in BENCH
 
 OPT_IN benchmarks take minutes even with --quick (so the smoke test, which runs every
 entry of BENCHMARKS, leaves them out): each runs only with its flag, e.g. ``--vs-kernel``
-(vmm-tierd against zram and DAMOS, issue 10; about 7 minutes with --quick).
+(vmm-tierd against zram and DAMOS, issue 10; about 5 minutes with --quick).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ one run, under no tiering, vmm-tierd (default and aggressive settings), zram swa
 memory cgroup limited to what vmm-tierd kept resident, and DAMOS pageout on zram where
 DAMON is free to use. Needs root.
 
-    .venv/bin/python benchmarks/vs_kernel.py --quick      # 30 s runs, about 7 minutes
-    .venv/bin/python benchmarks/vs_kernel.py              # 130 s runs, about 25 minutes
+    .venv/bin/python benchmarks/vs_kernel.py --quick      # 30 s runs, about 5 minutes
+    .venv/bin/python benchmarks/vs_kernel.py              # 130 s runs, about 20 minutes
     .venv/bin/python benchmarks/vs_kernel.py --restore    # undo what a killed run left
 
 Each run is one process (benchmarks/vs_kernel_runner.py) in a memory cgroup of its own,
@@ -164,6 +164,21 @@ class Bench:
     def say(self, msg: str) -> None:
         print(msg, file=self.log, flush=True)
 
+    def argv(self, cfg: Config, pace: str, cg: Cgroup, zblk: Path | None,
+             run_dir: Path) -> list[str]:
+        o = self.opts
+        argv = [sys.executable, str(HERE / "vs_kernel_runner.py"),
+                "--seconds", str(o.seconds), "--window-from", str(o.window_from),
+                "--probe-hz", str(o.probe_hz), "--faulter", str(self.faulter),
+                "--cgroup", str(cg.path), "--cgroup-version", str(cg.version)]
+        if zblk is not None:
+            argv += ["--zram", str(zblk)]
+        if cfg.kind == "daemon":
+            return [*argv, "--mode", "daemon", "--config",
+                    str(daemon_config(cfg, pace, run_dir, o.size_mib))]
+        return [*argv, "--mode", "plain", "--size-mib", str(o.size_mib),
+                "--ops-per-sec", str(PACES[pace])]
+
     def run_one(self, cfg: Config, pace: str, rnd: int, idx: int) -> dict[str, Any]:
         o, host, r = self.opts, self.host, self.restorer
         row: dict[str, Any] = {"config": cfg.key, "label": cfg.label, "pace": pace,
@@ -190,18 +205,7 @@ class Bench:
                 r.push("rmtree", path=str(run_dir))
                 zblk = (host.zram_swap_on(r, 2 * (o.size_mib << 20))
                         if cfg.kind in ("zram", "damos") else None)
-                argv = [sys.executable, str(HERE / "vs_kernel_runner.py"),
-                        "--seconds", str(o.seconds), "--window-from", str(o.window_from),
-                        "--probe-hz", str(o.probe_hz), "--faulter", str(self.faulter),
-                        "--cgroup", str(cg.path), "--cgroup-version", str(cg.version)]
-                if zblk is not None:
-                    argv += ["--zram", str(zblk)]
-                if cfg.kind == "daemon":
-                    argv += ["--mode", "daemon", "--config",
-                             str(daemon_config(cfg, pace, run_dir, o.size_mib))]
-                else:
-                    argv += ["--mode", "plain", "--size-mib", str(o.size_mib),
-                             "--ops-per-sec", str(PACES[pace])]
+                argv = self.argv(cfg, pace, cg, zblk, run_dir)
                 log_path = run_dir / "runner.log"
                 procs = cg.path / "cgroup.procs"
                 with open(log_path, "w") as err:
@@ -225,8 +229,8 @@ class Bench:
             tail = log_path.read_text()[-1500:] if log_path and log_path.exists() else ""
             row["error"] = f"{type(e).__name__}: {e}"
             if cg is not None and cg.oom_kills():
-                row["error"] = (f"OOM-killed by its memory cgroup (limit "
-                                f"{(limit or 0) >> 20} MiB): reclaim did not keep up")
+                row["error"] = (f"OOM-killed in its memory cgroup, at the limit of "
+                                f"{(limit or 0) >> 20} MiB")
             self.say(f"   failed: {row['error']}\n{tail}")
         finally:
             with signals_blocked():
