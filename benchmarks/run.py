@@ -5,6 +5,10 @@ A benchmark is a function ``(quick: bool) -> dict[str, figure]`` listed in BENCH
 ``"module:function"`` (modules in this directory). A figure is a number or a dict with
 ``value`` and optionally ``unit``, ``ref`` (reference value), ``ref_name``, ``goal``
 (text such as ">= 0.7x ref" or "<= 10"), ``note``.
+
+OPT_IN benchmarks take minutes even with --quick (so the smoke test, which runs every
+entry of BENCHMARKS, leaves them out): each runs only with its flag, e.g. ``--vs-kernel``
+(vmm-tierd against zram and DAMOS, issue 10; about 5 minutes with --quick).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ BENCHMARKS: list[str] = [
     "bench_minivmm:bench_minivmm",
     "bench_metrics_flood:bench_metrics_flood",
 ]
+
+# flag -> entry: run only when asked for
+OPT_IN: dict[str, str] = {
+    "--vs-kernel": "vs_kernel:bench_vs_kernel",
+}
 
 Figure = dict[str, Any]
 
@@ -86,11 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, whole run < 60 s")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    for flag, entry in OPT_IN.items():
+        ap.add_argument(flag, action="append_const", const=entry, dest="opt_in",
+                        help=f"also run {entry} (minutes; needs root)")
     ap.add_argument("names", nargs="*", help="only benchmarks whose entry contains these")
     args = ap.parse_args(argv)
     out: dict[str, Any] = {"quick": args.quick, "benchmarks": {}}
     t_all = time.perf_counter()
-    for entry in BENCHMARKS:
+    for entry in BENCHMARKS + (args.opt_in or []):
         if args.names and not any(n in entry for n in args.names):
             continue
         t0 = time.perf_counter()
