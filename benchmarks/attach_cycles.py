@@ -131,7 +131,7 @@ class CycleBench:
                   ) -> dict[str, Any]:
         a = self.a
         assert a is not None
-        out: dict[str, Any] = {"eng": [], "eng_ph": [], "py": [], "c": [], "ev": [],
+        out: dict[str, Any] = {"eng": [], "eng_ph": [], "py": [], "c": [], "ev": [], "ev_ph": [],
                                "ev_stops": [], "unlimited": None}
         try:
             core = await a.runner.setup()
@@ -143,7 +143,7 @@ class CycleBench:
                 t0 = time.perf_counter()
                 await trio.to_thread.run_sync(core.tracker.begin_interval)
                 await cycle.one(INTERVAL_S, ph)
-                out.setdefault("phases", []).append(ph)
+                out["last_ph"] = ph
                 return time.perf_counter() - t0
 
             async with trio.open_nursery() as n:
@@ -153,6 +153,7 @@ class CycleBench:
                 for _ in range(rounds):
                     await self.write()
                     out["eng"].append(await one())
+                    out["eng_ph"].append(out["last_ph"])
                     await self.write()
                     out["py"].append(self.py_scans())
                     await self.write()
@@ -171,6 +172,7 @@ class CycleBench:
                     rec = (dt, a.pauses.each[i0:], core.pages.counts.evicted - e0)
                     if b:
                         out["ev"].append(rec)
+                        out["ev_ph"].append(out["last_ph"])
                     else:
                         out["unlimited"] = rec
                 out["evicted"] = core.pages.counts.evicted
@@ -187,6 +189,13 @@ class CycleBench:
             with trio.CancelScope(shield=True):
                 await a.close()
         return out
+
+
+def phase_note(ph: list[dict[str, float]], per: float = 1.0) -> str:
+    """Median ms of each phase (divided by ``per``)."""
+    keys = sorted({k for p in ph for k in p})
+    return ", ".join(f"{k} {float(np.median([p.get(k, 0.0) for p in ph])) * 1e3 / per:.2f}"
+                     for k in keys)
 
 
 def part_cycles(tmp: Path, k: LinuxKernel, vmm_exe: Path, quick: bool) -> Figs:
@@ -218,16 +227,20 @@ def part_cycles(tmp: Path, k: LinuxKernel, vmm_exe: Path, quick: bool) -> Figs:
     figs: Figs = {
         "attach: cycle ms/GiB": {
             "value": eng, "unit": "ms", "ref": c, "ref_name": "kernel PAGEMAP_SCAN x2",
-            "note": f"{setup}; ref = the tracker's two scans (WRITTEN+WP_MATCHING, "
-                    f"PRESENT) as raw ioctls on /proc/{b.vmm.pid}/pagemap from C; min: "
+            "note": f"{setup}; phases ms/GiB: {phase_note(r['eng_ph'], gib)}; ref = the "
+                    "tracker's two scans (WRITTEN+WP_MATCHING, PRESENT) as raw ioctls on "
+                    f"/proc/{b.vmm.pid}/pagemap from C; min: "
                     f"engine {min(r['eng']) * 1e3 * per:.1f}, C {min(r['c']) * 1e3 * per:.1f}"},
         "attach: cycle / kernel scan": {"value": eng / c, "unit": "x"},
         "attach: pagemap_scan x2 via LinuxProcess ms/GiB": {
             "value": py, "unit": "ms", "ref": c, "ref_name": "C ioctls"},
-        f"attach: cycle ms/GiB evicting {budget}": {
-            "value": ms_median([d for d, _, _ in r["ev"]]) * per, "unit": "ms",
-            "note": f"evicted per cycle {int(np.median(evicted))}, {r['evicted']} in all, "
-                    f"faults {r['faults']}; every page read back right at the end"},
+        f"attach: cycle ms evicting {budget} pages": {
+            "value": ms_median([d for d, _, _ in r["ev"]]), "unit": "ms",
+            "note": f"a whole cycle of the {gib} GiB region (not per GiB: eviction costs by "
+                    f"the page); phases ms: {phase_note(r['ev_ph'])}; evicted per cycle "
+                    f"{int(np.median(evicted))}, {r['evicted']} in all, faults "
+                    f"{r['faults']} (fault-around on); every page read back right at the "
+                    "end"},
         "attach: injected pause, longest per cycle": {
             "value": float(np.median(worst)), "unit": "ms", "ref": empty,
             "ref_name": "one empty stop (getpid)",
