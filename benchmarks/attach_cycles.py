@@ -60,9 +60,13 @@ class CycleBench:
         self.lib.ft_pagemap_scan_fd.argtypes = [ctypes.c_int] + [ctypes.c_uint64] * 5 + [
             ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64)]
         self.store = PageStore(tmp / "store-cycle", sync="none", instance_id="bench-attach-c")
-        self.vmm = StandIn(vmm_exe, gib << 30, tmp)
         self.pagemap = -1
         self.a: Attached | None = None
+        try:
+            self.vmm = StandIn(vmm_exe, gib << 30, tmp)
+        except BaseException:
+            self.store.close()
+            raise
         try:
             self.npages = self.vmm.npages
             chunk = guest_pages(4096, seed=3)
@@ -93,13 +97,15 @@ class CycleBench:
     def close(self) -> None:
         if self.pagemap >= 0:
             os.close(self.pagemap)
+        if self.a is not None:
+            self.a.proc.close()  # (run() detaches; closing twice is harmless)
         self.vmm.close()
         self.store.close()
 
     async def write(self) -> None:
         pages = self.subsets[self.nwrites % len(self.subsets)]
         self.nwrites += 1
-        await trio.to_thread.run_sync(self.vmm.touch, pages, 2, True)
+        await self.vmm.touch_async(pages, 2, True)
 
     def py_scans(self) -> float:
         assert self.a is not None
@@ -179,7 +185,7 @@ class CycleBench:
                 # Read every page back: the evicted ones fault and are served; each first
                 # word must be what was written there (writes go to the second word).
                 order = np.arange(self.npages, dtype=np.uint64)
-                _, words, _ = await trio.to_thread.run_sync(self.vmm.touch, order, 2, False)
+                _, words, _ = await self.vmm.touch_async(order, 2, False)
                 bad = int(np.count_nonzero(words != self.first_words))
                 if bad:
                     raise RuntimeError(f"{bad} pages read back wrong after eviction")

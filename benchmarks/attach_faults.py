@@ -64,8 +64,12 @@ class FaultBench:
         self.tracking = TrackingSettings(interval_s=3600.0, min_age=1000, prefetch_pages=0)
         self.store_dir = tmp / "store-faults"
         self.store = PageStore(self.store_dir, sync="none", instance_id="bench-attach")
-        self.vmm = StandIn(vmm_exe, npages * PAGE, tmp)
         self.memfd = -1
+        try:
+            self.vmm = StandIn(vmm_exe, npages * PAGE, tmp)
+        except BaseException:
+            self.store.close()
+            raise
         try:
             self.memfd = self.vmm.open_memfd()
             p = k.open_process(self.vmm.pid)
@@ -122,8 +126,7 @@ class FaultBench:
                 fs = FaultServer(core)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(fs.serve)
-                    lat, words, wall = await trio.to_thread.run_sync(
-                        self.vmm.touch, order, threads, False)
+                    lat, words, wall = await self.vmm.touch_async(order, threads, False)
                     nursery.cancel_scope.cancel()
                 return lat, words, wall, dict(core.report.c.faults)
             finally:

@@ -213,6 +213,17 @@ class StandIn:
         n = len(order)
         return raw[:n].copy(), raw[n:2 * n].copy(), wall
 
+    async def touch_async(self, order: np.ndarray, threads: int, write: bool
+                          ) -> tuple[np.ndarray, np.ndarray, int]:
+        """``touch`` from a trio task, in a worker thread (the loop serves the faults it
+        raises). On cancellation (Ctrl-C, an error elsewhere) the thread is abandoned: its
+        accesses finish once the caller's teardown unregisters the RAM, or ``close``
+        kills the VMM."""
+        import trio
+
+        return await trio.to_thread.run_sync(self.touch, order, threads, write,
+                                             abandon_on_cancel=True)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -75,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-qemu", action="store_true", help="part 4 alone")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    # SIGTERM as Ctrl-C, so that every part's cleanup runs (VMMs, handlers, QEMU, the
+    # daemon): re-raised as SIGINT, which trio's own handler (inside trio.run) delivers to
+    # a task at a safe point; a KeyboardInterrupt raised from a SIGTERM handler could hit
+    # the run loop itself and skip the tasks' cleanup.
+    # (SIGINT itself is ignored in a process started with & from a script: take it back.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     tables: dict[str, tuple[Figs, float]] = {}
     if not args.only_qemu:
         t0 = time.perf_counter()

@@ -60,6 +60,11 @@ Figs = dict[str, Any]
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
+def say(t0: float, what: str) -> None:
+    """Progress on stderr (the part takes minutes)."""
+    print(f"[qemu +{time.perf_counter() - t0:5.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def checked(v: VerifyResult) -> VerifyResult:
     if v.bad or not v.ok:
         raise RuntimeError(f"the guest's verifier: {v.bad} bad files {v.bad_files[:5]}")
@@ -232,6 +237,7 @@ def bench_attach_qemu(quick: bool) -> Figs:
         tmp = Path(td)
         with QemuGuest.start(ram_mib=RAM_MIB, fill_fraction=FILL, workdir=tmp) as g:
             ready = g.wait_ready(TIMEOUT)
+            say(t_all, f"guest ready (pid {g.pid}); verifies without the daemon")
             base = [checked(g.verify(TIMEOUT)) for _ in range(rounds)]
             base_touch = g.touch(30, TIMEOUT)
             mem0 = memfd_allocated(g.pid)
@@ -241,6 +247,7 @@ def bench_attach_qemu(quick: bool) -> Figs:
             sampler: Sampler | None = None
             try:
                 t_attach = time.monotonic()
+                say(t_all, "attaching")
                 d.wait_ready(300)
                 ready_s = time.monotonic() - t_attach
                 sampler = Sampler(d)
@@ -249,17 +256,21 @@ def bench_attach_qemu(quick: bool) -> Figs:
                 m1 = d.scrape()
                 mem1 = memfd_allocated(g.pid)
                 # a: cycles paused (interval 1 h): the daemon only serves faults
+                say(t_all, f"evicted {evicted / MIB:.0f} MiB; cycles paused, verify")
                 set_interval(d, tmp, "1h")
                 a = span(g, d, sampler, 1, False)
                 mem_a = memfd_allocated(g.pid)
                 # b: cycles every second again, evicting alongside the guest's work
+                say(t_all, "cycles every 1 s again")
                 set_interval(d, tmp, "1s")
                 wait_level(sampler, 100 * MIB)
+                say(t_all, "verifies and touch while evicting")
                 b = span(g, d, sampler, rounds, True)
                 mem2 = memfd_allocated(g.pid)
                 all_pauses = per_cycle(sampler.scrapes)
                 sampler.stop()
                 t_stop = time.monotonic()
+                say(t_all, "detaching")
                 rc = d.stop(timeout=300)
                 detach_s = time.monotonic() - t_stop
             finally:
