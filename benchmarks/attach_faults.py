@@ -164,9 +164,9 @@ class FaultBench:
                 try:
                     assert h.stdout is not None
                     first = h.stdout.readline().strip()
-                    if first != "SERVING":
-                        raise RuntimeError(f"ref_handler: {first!r} {h.stderr.read()!r}"
-                                           if h.stderr else first)
+                    if first != "SERVING":  # it exited: its reason is on stderr
+                        why = h.stderr.read().strip() if h.stderr else ""
+                        raise RuntimeError(f"ref_handler did not start ({first!r}): {why}")
                     lat, words, wall = self.vmm.touch(order, threads, False)
                     out, err = h.communicate(timeout=60)
                 finally:
