@@ -140,6 +140,14 @@ long ft_pagemap_scan(uint64_t start, uint64_t end, uint64_t flags, uint64_t cate
         if (fd < 0)
             return -errno;
     }
+    return ft_pagemap_scan_fd(fd, start, end, flags, category_mask, return_mask, vec, vec_len,
+                              ns);
+}
+
+long ft_pagemap_scan_fd(int fd, uint64_t start, uint64_t end, uint64_t flags,
+                        uint64_t category_mask, uint64_t return_mask, void *vec,
+                        uint64_t vec_len, uint64_t *ns)
+{
     struct ft_pm_scan_arg a = {
         .size = sizeof a, .flags = flags, .start = start, .end = end,
         .vec = (uintptr_t)vec, .vec_len = vec_len, .category_mask = category_mask,

@@ -23,3 +23,7 @@ void ft_free(ft_job *j);
  * returns the ioctl's result (regions, or -errno) and its duration in *ns. */
 long ft_pagemap_scan(uint64_t start, uint64_t end, uint64_t flags, uint64_t category_mask,
                      uint64_t return_mask, void *vec, uint64_t vec_len, uint64_t *ns);
+/* The same on an open pagemap file, e.g. /proc/PID/pagemap of another process. */
+long ft_pagemap_scan_fd(int fd, uint64_t start, uint64_t end, uint64_t flags,
+                        uint64_t category_mask, uint64_t return_mask, void *vec,
+                        uint64_t vec_len, uint64_t *ns);

@@ -9,6 +9,14 @@
  * usage: ref_handler STORE_DIR REGION NPAGES THREADS FEATURES MODE ZERO_BY_COPY NOLOCK
  *                    ORDER_FILE OUT_FILE
  * ORDER_FILE: u64 page indexes to touch. OUT_FILE gets u64 lat_ns[n] then u64 words[n].
+ *
+ * Remote mode (bench_attach.py), for another process's memory:
+ *        ref_handler --uffd FD BASE STORE_DIR REGION NPAGES ZERO_BY_COPY NOLOCK SVC_FILE
+ * serves the faults of an inherited uffd FD (created inside the VMM, UFFDIO_API done and
+ * BASE..+NPAGES registered by the caller) until stdin reaches EOF, then writes each
+ * served fault's service time (u64 ns, read() returned -> resolving ioctl done) to
+ * SVC_FILE. Nothing is mapped or touched here: the VMM's own threads fault.
+ *
  * stdout: one line of key=value figures. Record layout: vmm_tierd/engine/store_format.py. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -55,6 +63,7 @@ static MDB_dbi dbi_idx, dbi_seg;
 static int stop_pipe[2];
 static uint64_t served, zero_served, poisoned, wakes, reads, msgs_read, errors;
 static uint64_t get_ns, copy_ns; /* time in store_get and in the resolving ioctl */
+static uint64_t *svc_ns, nsvc, svc_cap; /* remote mode: per-fault read -> resolved */
 
 static uint64_t mono_ns(void)
 {
@@ -190,12 +199,17 @@ static void *handler(void *arg)
                     break;
                 die("read(uffd)", errno);
             }
+            uint64_t t_read = mono_ns();
             reads++;
             size_t cnt = (size_t)n / sizeof msgs[0];
             msgs_read += cnt;
-            for (size_t i = 0; i < cnt; i++)
-                if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
-                    serve(txn, dctx, msgs[i].arg.pagefault.address, buf);
+            for (size_t i = 0; i < cnt; i++) {
+                if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                    continue;
+                serve(txn, dctx, msgs[i].arg.pagefault.address, buf);
+                if (svc_ns && nsvc < svc_cap)
+                    svc_ns[nsvc++] = mono_ns() - t_read;
+            }
             if (cnt < MAX_MSGS)
                 break;
         }
@@ -205,8 +219,68 @@ static void *handler(void *arg)
     return NULL;
 }
 
+static void open_store(const char *dir, int nolock)
+{
+    int rc = mdb_env_create(&env);
+    if (!rc)
+        rc = mdb_env_set_maxdbs(env, 4);
+    if (!rc)
+        rc = mdb_env_set_mapsize(env, 8ull << 30);
+    if (!rc)
+        rc = mdb_env_open(env, dir, MDB_RDONLY | MDB_NORDAHEAD | (nolock ? MDB_NOLOCK : 0), 0600);
+    if (rc)
+        die("mdb_env_open", rc);
+    MDB_txn *txn;
+    if ((rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) ||
+        (rc = mdb_dbi_open(txn, "index", 0, &dbi_idx)) ||
+        (rc = mdb_dbi_open(txn, "seg", 0, &dbi_seg)))
+        die("opening the index/seg databases", rc);
+    mdb_txn_commit(txn);
+}
+
+static void print_stats(uint64_t n, uint64_t wall)
+{
+    printf("faults=%lu wall_ns=%lu served=%lu zero=%lu poisoned=%lu wakes=%lu errors=%lu "
+           "reads=%lu msgs=%lu get_ns=%lu copy_ns=%lu\n", (unsigned long)n, (unsigned long)wall,
+           (unsigned long)served, (unsigned long)zero_served, (unsigned long)poisoned,
+           (unsigned long)wakes, (unsigned long)errors, (unsigned long)reads,
+           (unsigned long)msgs_read, (unsigned long)get_ns, (unsigned long)copy_ns);
+}
+
+/* --uffd FD BASE STORE_DIR REGION NPAGES ZERO_BY_COPY NOLOCK SVC_FILE */
+static int remote_main(int argc, char **argv)
+{
+    if (argc != 10) {
+        fprintf(stderr, "usage: %s --uffd FD BASE STORE_DIR REGION NPAGES ZERO_BY_COPY "
+                        "NOLOCK SVC_FILE\n", argv[0]);
+        return 1;
+    }
+    uffd = atoi(argv[2]);
+    base = strtoull(argv[3], NULL, 0);
+    region = (uint32_t)strtoul(argv[5], NULL, 0);
+    npages = strtoull(argv[6], NULL, 0);
+    zero_by_copy = atoi(argv[7]);
+    open_store(argv[4], atoi(argv[8]));
+    svc_cap = npages * 4 + 1024; /* a page may fault more than once (wakes) */
+    svc_ns = malloc(svc_cap * 8);
+    if (!svc_ns)
+        die("malloc", ENOMEM);
+    stop_pipe[0] = 0; /* stdin: EOF (or any input) stops the handler */
+    printf("SERVING\n");
+    fflush(stdout);
+    handler(NULL);
+    FILE *f = fopen(argv[9], "wb");
+    if (!f || fwrite(svc_ns, 8, nsvc, f) != nsvc || fclose(f))
+        die(argv[9], errno);
+    print_stats(served + zero_served + poisoned, 0);
+    mdb_env_close(env);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 1 && !strcmp(argv[1], "--uffd"))
+        return remote_main(argc, argv);
     if (argc != 11) {
         fprintf(stderr, "usage: %s STORE_DIR REGION NPAGES THREADS FEATURES MODE "
                         "ZERO_BY_COPY NOLOCK ORDER_FILE OUT_FILE\n", argv[0]);
@@ -231,22 +305,9 @@ int main(int argc, char **argv)
         die("reading the page order", EIO);
     fclose(f);
 
-    int rc = mdb_env_create(&env);
-    if (!rc)
-        rc = mdb_env_set_maxdbs(env, 4);
-    if (!rc)
-        rc = mdb_env_set_mapsize(env, 8ull << 30);
-    if (!rc)
-        rc = mdb_env_open(env, dir, MDB_RDONLY | MDB_NORDAHEAD | (nolock ? MDB_NOLOCK : 0), 0600);
-    if (rc)
-        die("mdb_env_open", rc);
-    MDB_txn *txn;
-    if ((rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) ||
-        (rc = mdb_dbi_open(txn, "index", 0, &dbi_idx)) ||
-        (rc = mdb_dbi_open(txn, "seg", 0, &dbi_seg)))
-        die("opening the index/seg databases", rc);
-    mdb_txn_commit(txn);
+    open_store(dir, nolock);
 
+    int rc;
     void *m = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED)
@@ -283,11 +344,7 @@ int main(int argc, char **argv)
     f = fopen(argv[10], "wb");
     if (!f || fwrite(lat, 8, n, f) != n || fwrite(words, 8, n, f) != n || fclose(f))
         die(argv[10], errno);
-    printf("faults=%lu wall_ns=%lu served=%lu zero=%lu poisoned=%lu wakes=%lu errors=%lu "
-           "reads=%lu msgs=%lu get_ns=%lu copy_ns=%lu\n", (unsigned long)n, (unsigned long)wall,
-           (unsigned long)served, (unsigned long)zero_served, (unsigned long)poisoned,
-           (unsigned long)wakes, (unsigned long)errors, (unsigned long)reads,
-           (unsigned long)msgs_read, (unsigned long)get_ns, (unsigned long)copy_ns);
+    print_stats(n, wall);
     mdb_env_close(env);
     return 0;
 }

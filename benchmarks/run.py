@@ -33,6 +33,7 @@ BENCHMARKS: list[str] = [
     "bench_cycle:bench_cycle",
     "bench_inject:bench_inject",
     "bench_minivmm:bench_minivmm",
+    "bench_attach:bench_attach",
     "bench_metrics_flood:bench_metrics_flood",
 ]
 

@@ -38,6 +38,10 @@ REQUIRED = {
     ("bench_store:bench_eviction", "disk bytes/page"): True,
     ("bench_store:bench_policy", "metadata bytes/page"): False,
     ("bench_metrics_flood:bench_metrics_flood", "fault p99 flood"): True,
+    ("bench_attach:bench_attach", "attach: service p50"): True,
+    ("bench_attach:bench_attach", "attach: fault round trip p50"): True,
+    ("bench_attach:bench_attach", "attach: cycle ms/GiB"): True,
+    ("bench_attach:bench_attach", "attach: injected pause, longest per cycle"): True,
 }
 
 
