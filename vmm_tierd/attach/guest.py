@@ -101,7 +101,10 @@ class RemoteGuest:
         want = cls.wanted(k.dialect, MemType.MEMFD)
         have = k.uffd_features(self.local_uffd)
         if have is None:  # a fresh uffd: ours to set up
-            have = k.uffd_api(self.local_uffd, (want | OPTIONAL) & granted).features
+            # (UFFDIO_API answers with every feature the kernel has; fdinfo says which
+            # ones this uffd has now)
+            k.uffd_api(self.local_uffd, (want | OPTIONAL) & granted)
+            have = k.uffd_features(self.local_uffd) or (want | OPTIONAL) & granted
         if want & ~have:
             raise KernelError("UFFDIO_API", errno.EINVAL, 0,
                               f"{self.name}: the uffd lacks features 0x{want & ~have:x} "

@@ -119,9 +119,11 @@ class LocalGuest:
             k.uffd_api(u.sfd, uapi.UFFD_FEATURE_MOVE)
             k.uffd_register(u.sfd, u.staging.addr, u.staging.length,
                             uapi.UFFDIO_REGISTER_MODE_MISSING)
+        # UFFDIO_API answers with every feature the kernel has; the uffd's are in fdinfo
+        enabled = k.uffd_features(fd) or (want | optional) & granted
         log.info("region %s: %d MiB %s, strategy %s, features 0x%x", rs.name,
-                 rs.size_bytes >> 20, rs.memtype.value, strategy.value, info.features)
-        return u, info.features
+                 rs.size_bytes >> 20, rs.memtype.value, strategy.value, enabled)
+        return u, enabled
 
     def adopt(self, r: RegionCtx) -> None:
         pass  # memory mapped just now
