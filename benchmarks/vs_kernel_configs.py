@@ -20,6 +20,7 @@ class Config:
     kind: str  # none | daemon | zram | damos
     tracking: dict[str, Any] = field(default_factory=dict)
     limit_from: str | None = None
+    store: dict[str, Any] = field(default_factory=dict)
 
 
 CONFIGS = (
@@ -27,6 +28,8 @@ CONFIGS = (
     Config("tierd", "vmm-tierd default", "daemon"),
     Config("tierd-aggr", "vmm-tierd aggressive (1s, min_age 1)", "daemon",
            {"interval": "1s", "min_age": 1}),
+    Config("tierd-keep", "vmm-tierd default, store page cache kept", "daemon",
+           store={"page_cache": "keep"}),
     Config("zram", "zram lz4, limit = default's anon", "zram", limit_from="tierd"),
     Config("zram-aggr", "zram lz4, limit = aggressive's anon", "zram", limit_from="tierd-aggr"),
     Config("damos", f"DAMOS pageout (cold {DAMOS_MIN_AGE_S:g} s) + zram", "damos"),
@@ -69,6 +72,7 @@ def daemon_config(cfg: Config, pace: str, run_dir: Path, size_mib: int) -> Path:
     doc["daemon"]["metrics_listen"] = "127.0.0.1:0"
     doc["store"]["path"] = str(run_dir / "store")
     doc["tracking"].update(cfg.tracking)
+    doc["store"].update(cfg.store)
     region = doc["region"][0]
     region["size"] = f"{size_mib}MiB"
     region["workload"]["ops_per_sec"] = PACES[pace]

@@ -32,6 +32,10 @@ class StoreSettings:
     map_size_bytes: int = 8 << 30
     zstd_level: int = 1
     sync: str = "none"  # "commit" (fsync each txn), "periodic" (metasync off), "none"
+    # "drop": pages written to the store leave the page cache (the host memory an
+    # eviction saves is real; a fault back pays a disk read). "keep": the kernel keeps
+    # them cached until it needs the memory (faults back are page-cache hits).
+    page_cache: str = "drop"
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,8 @@ class StoreBase(StoreEnv):
                  zstd_level: int = 1, sync: str = "none", instance_id: str | None = None,
                  segment_pages: int = 32, compact_below: float = 0.5,
                  gc_dead: float = 0.05, compact_in_put: float = 2.0,
-                 keep_owner: Callable[[str], bool] | None = None) -> None:
+                 keep_owner: Callable[[str], bool] | None = None,
+                 keep_cache: bool = False) -> None:
         """``keep_owner``: records of a region owned by anyone but this instance are
         reclaimed at open, except those whose owner this says to keep (a VMM that still
         runs, whose uffd outlived the daemon that evicted its pages: see attach/vm.py).
@@ -92,6 +93,7 @@ class StoreBase(StoreEnv):
         self._owners: dict[int, str] = {}
         self._claimed: set[int] = set()  # regions claimed by region_id() since open
         self._keep_owner = keep_owner
+        self.keep_cache = keep_cache  # store.page_cache = "keep": written pages stay cached
         self._dir = StoreDir(path)  # trust checks and the flock; raises StoreError
         self.path = self._dir.path
         try:

@@ -41,6 +41,7 @@ class StoreEnv:
     _regions: dict[str, int]
     _names: dict[int, str]
     _owners: dict[int, str]
+    keep_cache: bool
 
     def _open_env(self) -> None:
         try:
@@ -60,7 +61,8 @@ class StoreEnv:
             # gone from the directory, it can't be truncated or replaced by name
             os.unlink("lock.mdb", dir_fd=self._dir.fd)
             # the guard before anything reads through LMDB's map (opening the DBs does)
-            self._data = DataFile(self._dir, os.sysconf("SC_PAGESIZE"))
+            self._data = DataFile(self._dir, os.sysconf("SC_PAGESIZE"),
+                                  drop_written=not self.keep_cache)
         except BaseException:
             self._env.close()
             raise

@@ -53,8 +53,9 @@ def _mapping(fd: int) -> tuple[int, int]:
 
 
 class DataFile:
-    def __init__(self, sdir: StoreDir, psize: int) -> None:
+    def __init__(self, sdir: StoreDir, psize: int, drop_written: bool = True) -> None:
         self.psize = psize
+        self.drop_written = drop_written  # False: store.page_cache = "keep"
         self.fd = sdir.open_file("data.mdb", os.O_RDWR)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead on pread
         self.map_base, self.map_len = _mapping(self.fd)
@@ -147,7 +148,8 @@ class DataFile:
         new = _merge(_widen(np.array(written, dtype=np.uint64).reshape(-1, 2), FOLIO))
         if len(new):
             ls.writeback(self.fd, new, sync_flags=ls.SYNC_WRITE)
-        self.pending.append(new)
+        if self.drop_written:
+            self.pending.append(new)
         old = self.pending.pop(0) if len(self.pending) > BEHIND else None
         if old is not None and len(old):
             ls.writeback(self.fd, old, map_base=self.map_base, map_len=self.map_len,

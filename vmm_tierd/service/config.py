@@ -240,6 +240,7 @@ def _store(t: _Table, base: Path | None) -> StoreSettings:
         map_size_bytes=t.get("map_size", d.map_size_bytes, rules.MAP_SIZE),
         zstd_level=t.get("zstd_level", d.zstd_level, rules.integer(1, 22)),
         sync=t.get("sync", d.sync, rules.choice(SYNC_CHOICES)),
+        page_cache=t.get("page_cache", d.page_cache, rules.choice(["drop", "keep"])),
     )
     t.finish()
     return out

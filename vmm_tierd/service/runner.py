@@ -99,6 +99,7 @@ class Service:
             # uffd waits in the VMM for this one to take over); every other one's go.
             store = PageStore(s.store.path, map_size=s.store.map_size_bytes,
                               zstd_level=s.store.zstd_level, sync=s.store.sync,
+                              keep_cache=s.store.page_cache == "keep",
                               keep_owner=vm_owner_alive(kernel))
         except Exception as e:  # StoreError names the path and the reason
             log.error("store: %s", e)
