@@ -19,7 +19,7 @@ from vmm_tierd.engine.region import RegionCtx
 from vmm_tierd.engine.runner import RegionRunner
 from vmm_tierd.engine.store import PageStore
 from vmm_tierd.kernel import open_kernel
-from vmm_tierd.kernel.api import AccessKind, AccessResult, Backend, MemType, Strategy
+from vmm_tierd.kernel.api import AccessKind, AccessResult, Backend, Kernel, MemType, Strategy
 from vmm_tierd.kernel.stamps import page_bytes
 from vmm_tierd.settings import (
     DaemonSettings,
@@ -73,7 +73,10 @@ class H:
 @asynccontextmanager
 async def engine(backend: str, memtype: str = "anon", *, npages: int = 256,
                  strategy: Strategy | None = None, store_cls: type[PageStore] = PageStore,
-                 interval: float = 0.05, deadline: float = 30.0) -> AsyncIterator[H]:
+                 interval: float = 0.05, deadline: float = 30.0,
+                 wrap: Callable[[Backend], Kernel] | None = None) -> AsyncIterator[H]:
+    """``wrap``: the kernel the engine gets, around the backend (the accesses still go
+    straight to the backend)."""
     kernel = open_kernel(backend)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
@@ -85,7 +88,8 @@ async def engine(backend: str, memtype: str = "anon", *, npages: int = 256,
             source="<test>")
         store = store_cls(Path(tmp) / "store", sync="none")
         try:
-            eng = Engine(kernel, settings, store=store, strategy=strategy)
+            eng = Engine(wrap(kernel) if wrap else kernel, settings, store=store,
+                         strategy=strategy)
             async with trio.open_nursery() as n:
                 await n.start(eng.run)
                 try:

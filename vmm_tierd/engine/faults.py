@@ -184,13 +184,16 @@ class FaultServer:
         r = self.r
         batch, i = r.pages.inflight[p]
         if batch.staging:
-            src = batch.staging + i * self.ps
             try:
-                r.uffd.k.uffd_move(r.uffd.fd, addr, src, self.ps, 0)
+                r.uffd.move_in(addr, batch.staging + i * self.ps)  # there already: woken
             except KernelError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOENT):
+                if e.errno != errno.ENOENT:
                     raise
-                r.uffd.wake(addr)
+                # Its slot is empty: nothing empties a slot in flight, so its content is
+                # gone. A memory error, never zeros.
+                r.pages.reclaimed(p)
+                return self._poison(p, addr, f"its copy is gone from staging slot {i}",
+                                    t_read)
         else:
             # memfd: the page is still in the page cache (punch comes after the commit).
             r.uffd.resolve(lambda: r.tracker.resolve(addr), addr)
