@@ -18,6 +18,7 @@ from vmm_tierd.engine.engine import Engine
 from vmm_tierd.engine.region import RegionCtx
 from vmm_tierd.engine.runner import RegionRunner
 from vmm_tierd.engine.store import PageStore
+from vmm_tierd.engine.trace import PageTrace, TracingKernel
 from vmm_tierd.kernel import open_kernel
 from vmm_tierd.kernel.api import AccessKind, AccessResult, Backend, Kernel, MemType, Strategy
 from vmm_tierd.kernel.stamps import page_bytes
@@ -74,9 +75,12 @@ class H:
 async def engine(backend: str, memtype: str = "anon", *, npages: int = 256,
                  strategy: Strategy | None = None, store_cls: type[PageStore] = PageStore,
                  interval: float = 0.05, deadline: float = 30.0,
-                 wrap: Callable[[Backend], Kernel] | None = None) -> AsyncIterator[H]:
+                 wrap: Callable[[Backend], Kernel] | None = None,
+                 debug: bool = False) -> AsyncIterator[H]:
     """``wrap``: the kernel the engine gets, around the backend (the accesses still go
-    straight to the backend)."""
+    straight to the backend). ``debug``: trace every page transition and kernel
+    operation (``runner.trace``) and check the invariants after every cycle
+    (``runner.invariants``)."""
     kernel = open_kernel(backend)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
@@ -88,8 +92,14 @@ async def engine(backend: str, memtype: str = "anon", *, npages: int = 256,
             source="<test>")
         store = store_cls(Path(tmp) / "store", sync="none")
         try:
-            eng = Engine(wrap(kernel) if wrap else kernel, settings, store=store,
+            k: Kernel = wrap(kernel) if wrap else kernel
+            tk = TracingKernel(k) if debug else None
+            eng = Engine(tk.as_kernel() if tk else k, settings, store=store,
                          strategy=strategy)
+            if tk is not None:
+                eng.runners[0].trace = PageTrace("t")
+                tk.add(eng.runners[0].trace)
+                eng.runners[0].debug_checks = True
             async with trio.open_nursery() as n:
                 await n.start(eng.run)
                 try:
