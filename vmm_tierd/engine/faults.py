@@ -9,6 +9,7 @@ that has been moved to staging or committed and punched in the meantime).
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import time
 from collections import deque
@@ -32,6 +33,11 @@ class FaultServer:
     def __init__(self, r: RegionCtx) -> None:
         self.r = r
         self.backlog: deque[tuple[PageFault, float]] = deque()
+        # Faults whose service failed (ENOMEM, a POISON that fails...): retried when due,
+        # with a backoff per page, while the others are served.
+        self.later: list[tuple[float, int, PageFault, float]] = []
+        self.tries: dict[int, int] = {}
+        self.waiting: set[int] = set()  # addresses in ``later``
         self.reads = 0
         self.msgs = 0
 
@@ -42,27 +48,29 @@ class FaultServer:
         self.base, self.ps, self.npages = r.uffd.base, r.uffd.ps, r.npages
         self.st = r.pages.view  # the per-page state byte, scalar access
         task_status.started()
-        tries = served = 0
+        served = 0
         while True:
             if not self.backlog:
-                await trio.lowlevel.wait_readable(r.uffd.fd)
+                with trio.move_on_at(self.later[0][0] if self.later else float("inf")):
+                    await trio.lowlevel.wait_readable(r.uffd.fd)
             self.pull()
+            self.due()
             while self.backlog:
                 fault, t_read = self.backlog[0]
                 res = self.serve_one(fault, t_read)
-                if res != DONE:
-                    tries += 1
+                if res == AGAIN:
+                    # mmap_changing stays raised until the thread that posted the event
+                    # has run on; give it a moment. Not exponential: it's short.
                     self.flush()
-                    if res == AGAIN:
-                        # mmap_changing stays raised until the thread that posted the event
-                        # has run on; give it a moment. Not exponential: it's short.
-                        await trio.sleep(0.0002)
-                    else:  # ENOMEM and friends: back off, keep the page.
-                        await trio.sleep(min(0.0005 * (1 << min(tries, 8)), 0.1))
+                    await trio.sleep(0.0002)
                     self.pull()
                     continue
-                tries = 0
                 self.backlog.popleft()
+                if res == RETRY:  # ENOMEM and friends: back off, keep the page
+                    self.defer(fault, t_read)
+                    continue
+                if self.tries:
+                    self.tries.pop(fault.address, None)
                 served += 1
                 if not served % YIELD_EVERY:  # a fault storm must not starve the cycle
                     self.flush()
@@ -72,6 +80,25 @@ class FaultServer:
             self.flush()  # the policy hears before any other task runs
             r.store.release_reader()
             # no checkpoint here: wait_readable above always yields to the other tasks
+
+    def defer(self, fault: PageFault, t_read: float) -> None:
+        """Retry ``fault`` later, 1 ms doubling up to 100 ms per page. A second fault on
+        a page already waiting is not queued twice: whatever resolves the page wakes
+        every thread waiting on it."""
+        a = fault.address
+        if a in self.waiting:
+            return
+        n = self.tries[a] = self.tries.get(a, 0) + 1
+        due = trio.current_time() + min(0.0005 * (1 << min(n, 8)), 0.1)
+        heapq.heappush(self.later, (due, id(fault), fault, t_read))
+        self.waiting.add(a)
+
+    def due(self) -> None:
+        now = trio.current_time()
+        while self.later and self.later[0][0] <= now:
+            _, _, fault, t_read = heapq.heappop(self.later)
+            self.waiting.discard(fault.address)
+            self.backlog.append((fault, t_read))
 
     def flush(self) -> None:
         n = self.r.pages.flush()
