@@ -180,8 +180,8 @@ class PageTrace:
                     mine.setdefault(ev.seq, ev)
                     if ev.op == "MADV_DONTNEED staging":
                         break
-        out = [str(mine[k]) for k in sorted(mine)]
-        head = f"region {self.name} page {p}: {len(out)} events"
+        out = _collapse([mine[k] for k in sorted(mine)])
+        head = f"region {self.name} page {p}: {len(mine)} events"
         if self.dropped:
             head += f" (the oldest {self.dropped} events of the region were dropped)"
         if len(out) > limit:
@@ -191,6 +191,24 @@ class PageTrace:
 
     def format_histories(self, pages: Iterable[int], *, each: int = 60) -> str:
         return "\n".join("\n  ".join(self.history(int(p), limit=each)) for p in pages)
+
+
+def _collapse(evs: list[Event]) -> list[str]:
+    """One line per event, runs of the same whole-region operation (the cycle's scans)
+    folded into one line."""
+    out: list[str] = []
+    i = 0
+    while i < len(evs):
+        j = i + 1
+        while (j < len(evs) and isinstance(evs[i].pages, tuple) and evs[j].op == evs[i].op
+               and evs[j].pages == evs[i].pages and evs[j].result == evs[i].result):
+            j += 1
+        line = str(evs[i])
+        if j - i > 1:
+            line += f" x{j - i}, the last #{evs[j - 1].seq} at {evs[j - 1].t:.6f}"
+        out.append(line)
+        i = j
+    return out
 
 
 def _res(e: KernelError | None, n: int = 0) -> str:
