@@ -21,7 +21,7 @@ from vmm_tierd.kernel.stamps import page_bytes
 from vmm_tierd.settings import TrackingSettings
 
 from .conftest import fake_ok, linux_ok
-from .harness import H, engine
+from .harness import PS, H, engine
 
 # The wp strategy: the host's (6.18) and the fake's, forced.
 WP_BACKENDS = [pytest.param("fake-rwp", marks=pytest.mark.skipif(not fake_ok(), reason="no fake")),
@@ -52,7 +52,7 @@ class MovesBackFail:
 class FirstPutFails(PageStore):
     """The first batch write fails (nothing written): that eviction is rolled back."""
 
-    hook: Callable[[], None] | None = None
+    hook: Callable[[np.ndarray], None] | None = None
     fails = 1
 
     def put_batch(self, region: int, pages: np.ndarray,
@@ -60,19 +60,22 @@ class FirstPutFails(PageStore):
         if self.fails > 0:
             self.fails -= 1
             if self.hook is not None:
-                self.hook()
+                self.hook(pages)
             raise StoreError("injected write failure")
         return super().put_batch(region, pages, data)
 
 
 async def _strand(h: H, fk: MovesBackFail, then: Callable[[], None] | None = None) -> list[int]:
-    """Write STUCK; its first eviction fails to store and its rollback fails to move the
-    pages back: they stay in flight while at least 3 more cycles (scans) run."""
+    """Write STUCK; the first eviction (of all or some of them) fails to store and its
+    rollback fails to move the pages back: they stay in flight while at least 3 more
+    cycles (scans) run. Returns those pages."""
     store = cast(FirstPutFails, h.store)
     cycles: list[int] = []
+    batch: list[int] = []
 
-    def failing() -> None:  # worker thread, inside the failing put
+    def failing(pages: np.ndarray) -> None:  # worker thread, inside the failing put
         fk.armed = True
+        batch.extend(int(p) for p in pages)
         cycles.append(h.runner.report.c.cycles)
         if then is not None:
             trio.from_thread.run_sync(then)
@@ -81,7 +84,7 @@ async def _strand(h: H, fk: MovesBackFail, then: Callable[[], None] | None = Non
     await h.write_pages(STUCK)
     await h.wait_for(lambda: bool(cycles) and h.runner.report.c.cycles >= cycles[0] + 3)
     stuck = sorted(h.r.pages.inflight)
-    assert stuck == list(STUCK), stuck
+    assert stuck and stuck == sorted(batch), (stuck, batch)
     fk.armed = False
     return stuck
 
@@ -108,11 +111,11 @@ def test_page_stranded_across_scans_comes_back_when_touched(backend: str) -> Non
                           wrap=_wrap(box)) as h:
             # No more victims after the failure: no eviction returns the stranded pages,
             # only the guest's faults do.
-            await _strand(h, box[0], lambda: h.engine.update_tracking(
+            stuck = await _strand(h, box[0], lambda: h.engine.update_tracking(
                 TrackingSettings(interval_s=0.05, min_age=250, refault_hold=0)))
             await _read_back(h, STUCK)
             assert not h.r.pages.inflight
-            assert h.engine.region_stats()[0].faults.get("staging", 0) == len(STUCK)
+            assert h.engine.region_stats()[0].faults.get("staging", 0) == len(stuck)
             assert h.engine.region_stats()[0].poisoned_total == 0
     trio.run(main)
 
@@ -135,4 +138,26 @@ def test_page_stranded_across_scans_is_returned_by_the_next_eviction(backend: st
             await _read_back(h, STUCK)
             await _read_back(h, more)
             assert h.engine.region_stats()[0].poisoned_total == 0
+    trio.run(main)
+
+
+@pytest.mark.parametrize("backend", WP_BACKENDS)
+def test_page_whose_staging_copy_vanished_is_poisoned_not_zero(backend: str) -> None:
+    """Nothing in the engine empties a slot in flight; if it is empty all the same, the
+    guest gets a memory error, never zeros in place of its data (before: zeros)."""
+    async def main() -> None:
+        box: list[MovesBackFail] = []
+        async with engine(backend, "anon", strategy=Strategy.WP, store_cls=FirstPutFails,
+                          wrap=_wrap(box)) as h:
+            stuck = await _strand(h, box[0], lambda: h.engine.update_tracking(
+                TrackingSettings(interval_s=0.05, min_age=250, refault_hold=0)))
+            gone = stuck[0]
+            batch, i = h.r.pages.inflight[gone]
+            await trio.to_thread.run_sync(h.kernel.madvise, batch.staging + i * PS, PS,
+                                          uapi.MADV_DONTNEED)
+            r = await h.access(gone, AccessKind.READ)
+            assert r.status is AccessStatus.SIGBUS, r
+            await _read_back(h, range(gone + 1, STUCK.stop))  # the others: intact
+            st = h.engine.region_stats()[0]
+            assert st.poisoned_pages == 1 and st.poisoned_total == 1
     trio.run(main)
