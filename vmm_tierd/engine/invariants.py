@@ -14,6 +14,10 @@ the staging area (anon) or SEEK_DATA over the memfd:
   or that is the only copy of a page when the area is about to be dropped: a slot
   holding a page the engine does not account for fails every later MOVE into it with
   EEXIST, and dropping it loses that page.
+
+A page swapped out counts as absent: PAGEMAP_SCAN reports uffd-wp and poison PTE markers
+as PAGE_IS_SWAPPED too, so "swapped" can't vouch for a page here. Run the checks where
+the test's memory is not pushed to swap.
 """
 
 from __future__ import annotations
