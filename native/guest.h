@@ -18,6 +18,7 @@
 #define VG_ZIPF 1
 #define VG_SHIFTING 2
 #define VG_SEQUENTIAL 3
+#define VG_HAMMER 4
 
 #define VG_MAX_BAD 16
 

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 static inline uint64_t vg_splitmix(uint64_t *s)
 {
@@ -101,6 +102,61 @@ static void vg_pace(struct vg_workload *w, uint64_t ops, double start)
     }
 }
 
+/* HAMMER: write the pages the host has just taken away, found the way a guest feels it
+ * (mincore: not mapped), so that writes land on pages in mid-eviction and just evicted.
+ * Each round: up to HAMMER_WRITES absent pages this thread owns are written (absent pages
+ * of other threads are read now and then), then HAMMER_HOT accesses to the hot set keep a
+ * working set (so the rest goes cold), and one round in 8 reads a burst of HAMMER_BURST
+ * consecutive pages. */
+#define HAMMER_WRITES 64
+#define HAMMER_HOT 256
+#define HAMMER_BURST 256
+
+static void vg_hammer(struct vg_workload *w, vg_worker *me, uint64_t *rng)
+{
+    uint64_t T = (uint64_t)w->spec.threads, id = (uint64_t)me->id, n = w->npages;
+    unsigned char *vec = malloc(n);
+    uint64_t ops = 0;
+    double start = vg_now();
+    while (!atomic_load_explicit(&w->stop, memory_order_relaxed)) {
+        if (vec && mincore((void *)w->base, n * PAGE, vec) == 0) {
+            uint64_t p = vg_below(rng, n), done = 0;
+            for (uint64_t i = 0; i < n && done < HAMMER_WRITES; i++, p = p + 1 == n ? 0 : p + 1) {
+                if (vec[p] & 1)
+                    continue;
+                if (atomic_load_explicit(&w->stop, memory_order_relaxed))
+                    break;
+                if (p % T == id && !w->zero[p]) {
+                    vg_write_page(w, me, p, 1);
+                    done++;
+                } else if (vg_below(rng, 4) == 0) {
+                    vg_read_page(w, me, p, rng);
+                }
+            }
+        }
+        for (int k = 0; k < HAMMER_HOT; k++) {
+            if (atomic_load_explicit(&w->stop, memory_order_relaxed))
+                break;
+            if (w->spec.ops_per_sec > 0)
+                vg_pace(w, ops, start);
+            ops++;
+            uint64_t p = vg_below(rng, w->hot);
+            *rng = vg_xs(*rng);
+            uint64_t q = p - p % T + id;
+            if (*rng * 0x2545F4914F6CDD1Dull < w->write_thresh && q < n && !w->zero[q])
+                vg_write_page(w, me, q, 1);
+            else
+                vg_read_page(w, me, p, rng);
+        }
+        if (vg_below(rng, 8) == 0) {
+            uint64_t s = vg_below(rng, n);
+            for (uint64_t j = 0; j < HAMMER_BURST && j < n; j++)
+                vg_read_page(w, me, (s + j) % n, rng);
+        }
+    }
+    free(vec);
+}
+
 static void *vg_worker_main(void *arg)
 {
     vg_worker *me = arg;
@@ -118,6 +174,8 @@ static void *vg_worker_main(void *arg)
     atomic_fetch_add(&w->touched, 1);
     uint64_t cursor = id < w->npages ? id : 0, ops = 0;
     double start = vg_now();
+    if (w->spec.pattern == VG_HAMMER)
+        vg_hammer(w, me, &rng);
     while (!atomic_load_explicit(&w->stop, memory_order_relaxed) && id < w->npages) {
         if (w->spec.ops_per_sec > 0)
             vg_pace(w, ops, start);
@@ -159,7 +217,7 @@ vg_workload *vg_workload_start(uint64_t addr, uint64_t npages, const vg_spec *sp
                                const double *cdf, uint64_t ncdf)
 {
     if (npages == 0 || spec->threads < 1 || spec->threads > 1024 ||
-        spec->pattern < VG_UNIFORM || spec->pattern > VG_SEQUENTIAL ||
+        spec->pattern < VG_UNIFORM || spec->pattern > VG_HAMMER ||
         (spec->pattern == VG_ZIPF && (!perm || !cdf || ncdf == 0 || ncdf > npages))) {
         errno = EINVAL;
         return NULL;

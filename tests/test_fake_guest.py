@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import select
 import sys
@@ -18,6 +19,7 @@ from vmm_tierd.kernel.api import (
     AccessKind,
     AccessStatus,
     Dialect,
+    KernelError,
     MemType,
     PageFault,
     Pattern,
@@ -195,10 +197,14 @@ def serve(k: FakeKernel, fd: int, store: dict[int, bytes], stop: threading.Event
         for m in k.uffd_read(fd):
             assert isinstance(m, PageFault) and m.missing
             data = store.pop((m.address - base) // PS, None)
-            if data is None:
-                k.uffd_zeropage(fd, m.address, PS)
-            else:
-                k.uffd_copy(fd, m.address, data)
+            try:
+                if data is None:
+                    k.uffd_zeropage(fd, m.address, PS)
+                else:
+                    k.uffd_copy(fd, m.address, data)
+            except KernelError as e:  # a second fault on a page served already
+                assert e.errno == errno.EEXIST, e
+                k.uffd_wake(fd, m.address, PS)
 
 
 @pytest.mark.parametrize("dialect", [Dialect.RWP, Dialect.RFC])

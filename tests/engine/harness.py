@@ -18,8 +18,9 @@ from vmm_tierd.engine.engine import Engine
 from vmm_tierd.engine.region import RegionCtx
 from vmm_tierd.engine.runner import RegionRunner
 from vmm_tierd.engine.store import PageStore
+from vmm_tierd.engine.trace import PageTrace, TracingKernel
 from vmm_tierd.kernel import open_kernel
-from vmm_tierd.kernel.api import AccessKind, AccessResult, Backend, MemType, Strategy
+from vmm_tierd.kernel.api import AccessKind, AccessResult, Backend, Kernel, MemType, Strategy
 from vmm_tierd.kernel.stamps import page_bytes
 from vmm_tierd.settings import (
     DaemonSettings,
@@ -74,8 +75,14 @@ class H:
 async def engine(backend: str, memtype: str = "anon", *, npages: int = 256,
                  strategy: Strategy | None = None, store_cls: type[PageStore] = PageStore,
                  interval: float = 0.05, deadline: float = 30.0,
-                 store_dir: Path | None = None) -> AsyncIterator[H]:
-    """``store_dir``: where the store goes (default: a temporary directory)."""
+                 store_dir: Path | None = None,
+                 wrap: Callable[[Backend], Kernel] | None = None,
+                 debug: bool = False) -> AsyncIterator[H]:
+    """``store_dir``: where the store goes (default: a temporary directory). ``wrap``:
+    the kernel the engine gets, around the backend (the accesses still go straight to
+    the backend). ``debug``: trace every page transition and kernel operation
+    (``runner.trace``) and check the invariants after every cycle
+    (``runner.invariants``)."""
     kernel = open_kernel(backend)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
@@ -87,7 +94,14 @@ async def engine(backend: str, memtype: str = "anon", *, npages: int = 256,
             source="<test>")
         store = store_cls(store_dir or Path(tmp) / "store", sync="none")
         try:
-            eng = Engine(kernel, settings, store=store, strategy=strategy)
+            k: Kernel = wrap(kernel) if wrap else kernel
+            tk = TracingKernel(k) if debug else None
+            eng = Engine(tk.as_kernel() if tk else k, settings, store=store,
+                         strategy=strategy)
+            if tk is not None:
+                eng.runners[0].trace = PageTrace("t")
+                tk.add(eng.runners[0].trace)
+                eng.runners[0].debug_checks = True
             async with trio.open_nursery() as n:
                 await n.start(eng.run)
                 try:

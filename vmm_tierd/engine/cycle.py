@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -23,9 +24,11 @@ COMPACT_SEGMENTS = 8  # segments rewritten per cycle at most
 
 
 class Cycle:
-    def __init__(self, r: RegionCtx, evictor: Evictor) -> None:
+    def __init__(self, r: RegionCtx, evictor: Evictor,
+                 after: Callable[[], object] | None = None) -> None:
         self.r = r
         self.evictor = evictor
+        self.after = after  # debug: called at the end of every cycle (invariant checks)
         self.pending: TrackingSettings | None = None
         self.stopping = False
         self.done = trio.Event()
@@ -85,6 +88,8 @@ class Cycle:
                 rep.c.cycles += 1
                 rep.c.last_cycle_s = time.perf_counter() - t
                 rep.obs.cycle(r.name, phases, rep.c.last_cycle_s + phases["protect"])
+                if self.after is not None:
+                    self.after()
         finally:
             self.done.set()
 

@@ -222,7 +222,9 @@ class Evictor:
         u = self.r.uffd
         assert u.staging is not None
         if self.r.pages.inflight:
-            return False  # a failed rollback left a page there: keep it for its fault
+            self._return_stuck()
+            if self.r.pages.inflight:
+                return False  # a page a rollback left there can't go back yet: keep it
         try:
             u.k.madvise(u.staging.addr, u.staging.length, uapi.MADV_DONTNEED)
         except KernelError as e:  # a populated slot would fail the next MOVE (EEXIST)
@@ -233,18 +235,29 @@ class Evictor:
 
     def _rollback_anon(self, batch: Batch) -> None:
         """The store failed: move every page still in staging back where it was."""
+        self._move_back(batch, [(p, i) for i, p in enumerate(batch.pages.tolist())
+                                if not batch.reclaimed[i]])
+
+    def _return_stuck(self) -> None:
+        """Pages a rollback could not move back (EAGAIN while a guest discard's event was
+        unread, ...) are still in flight: try again, now that the loop has run."""
+        by_batch: dict[int, tuple[Batch, list[tuple[int, int]]]] = {}
+        for p, (batch, i) in self.r.pages.inflight.items():
+            if batch.staging:
+                by_batch.setdefault(id(batch), (batch, []))[1].append((p, i))
+        for batch, items in by_batch.values():
+            self._move_back(batch, items)
+
+    def _move_back(self, batch: Batch, items: list[tuple[int, int]]) -> None:
         r = self.r
         u = r.uffd
         back: list[int] = []
-        for i, p in enumerate(batch.pages.tolist()):
-            if batch.reclaimed[i]:
-                continue
+        for p, i in items:
             try:
-                u.k.uffd_move(u.fd, u.addr(p), batch.staging + i * u.ps, u.ps, 0)
+                u.move_in(u.addr(p), batch.staging + i * u.ps)  # False: there already
             except KernelError as e:
-                if e.errno != errno.EEXIST:
-                    r.report.error(e, f"moving page {p} back from staging")
-                    continue  # still in staging: keep it in flight so a fault finds it
+                r.report.error(e, f"moving page {p} back from staging")
+                continue  # still in staging: keep it in flight so a fault finds it
             back.append(p)
         r.pages.returned(batch, np.asarray(back, dtype=np.uint64))
 

@@ -9,6 +9,7 @@ that has been moved to staging or committed and punched in the meantime).
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import time
 from collections import deque
@@ -33,6 +34,11 @@ class FaultServer:
     def __init__(self, r: RegionCtx) -> None:
         self.r = r
         self.backlog: deque[tuple[PageFault, float]] = deque()
+        # Faults whose service failed (ENOMEM, a POISON that fails...): retried when due,
+        # with a backoff per page, while the others are served.
+        self.later: list[tuple[float, int, PageFault, float]] = []
+        self.tries: dict[int, int] = {}
+        self.waiting: set[int] = set()  # addresses in ``later``
         self.reads = 0
         self.msgs = 0
 
@@ -44,27 +50,29 @@ class FaultServer:
         self.fd, self.copy = r.uffd.fd, r.uffd.k.uffd_copy
         self.st = r.pages.view  # the per-page state byte, scalar access
         task_status.started()
-        tries = served = 0
+        served = 0
         while True:
             if not self.backlog:
-                await trio.lowlevel.wait_readable(r.uffd.fd)
+                with trio.move_on_at(self.later[0][0] if self.later else float("inf")):
+                    await trio.lowlevel.wait_readable(r.uffd.fd)
             self.pull()
+            self.due()
             while self.backlog:
                 fault, t_read = self.backlog[0]
                 res = self.serve_one(fault, t_read)
-                if res != DONE:
-                    tries += 1
+                if res == AGAIN:
+                    # mmap_changing stays raised until the thread that posted the event
+                    # has run on; give it a moment. Not exponential: it's short.
                     self.flush()
-                    if res == AGAIN:
-                        # mmap_changing stays raised until the thread that posted the event
-                        # has run on; give it a moment. Not exponential: it's short.
-                        await trio.sleep(0.0002)
-                    else:  # ENOMEM and friends: back off, keep the page.
-                        await trio.sleep(min(0.0005 * (1 << min(tries, 8)), 0.1))
+                    await trio.sleep(0.0002)
                     self.pull()
                     continue
-                tries = 0
                 self.backlog.popleft()
+                if res == RETRY:  # ENOMEM and friends: back off, keep the page
+                    self.defer(fault, t_read)
+                    continue
+                if self.tries:
+                    self.tries.pop(fault.address, None)
                 served += 1
                 if not served % YIELD_EVERY:  # a fault storm must not starve the cycle
                     self.flush()
@@ -79,6 +87,25 @@ class FaultServer:
                 self.flush()
             r.store.release_reader()
             # no checkpoint here: wait_readable above always yields to the other tasks
+
+    def defer(self, fault: PageFault, t_read: float) -> None:
+        """Retry ``fault`` later, 1 ms doubling up to 100 ms per page. A second fault on
+        a page already waiting is not queued twice: whatever resolves the page wakes
+        every thread waiting on it."""
+        a = fault.address
+        if a in self.waiting:
+            return
+        n = self.tries[a] = self.tries.get(a, 0) + 1
+        due = trio.current_time() + min(0.0005 * (1 << min(n, 8)), 0.1)
+        heapq.heappush(self.later, (due, id(fault), fault, t_read))
+        self.waiting.add(a)
+
+    def due(self) -> None:
+        now = trio.current_time()
+        while self.later and self.later[0][0] <= now:
+            _, _, fault, t_read = heapq.heappop(self.later)
+            self.waiting.discard(fault.address)
+            self.backlog.append((fault, t_read))
 
     def flush(self) -> None:
         n = self.r.pages.flush()
@@ -158,7 +185,9 @@ class FaultServer:
                 else:
                     r.report.fault("wake", t_read)
                 return DONE
-            r.tracker.resolve(addr)
+            # a tracking fault on a resident page: EEXIST (CONTINUE of a page a racing
+            # fault mapped already) only means wake
+            r.uffd.resolve(lambda: r.tracker.resolve(addr), addr)
             r.report.fault("rwp", t_read)
             return DONE
         except KernelError as e:
@@ -191,13 +220,16 @@ class FaultServer:
         r = self.r
         batch, i = r.pages.inflight[p]
         if batch.staging:
-            src = batch.staging + i * self.ps
             try:
-                r.uffd.k.uffd_move(r.uffd.fd, addr, src, self.ps, 0)
+                r.uffd.move_in(addr, batch.staging + i * self.ps)  # there already: woken
             except KernelError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOENT):
+                if e.errno != errno.ENOENT:
                     raise
-                r.uffd.wake(addr)
+                # Its slot is empty: nothing empties a slot in flight, so its content is
+                # gone. A memory error, never zeros.
+                r.pages.reclaimed(p)
+                return self._poison(p, addr, f"its copy is gone from staging slot {i}",
+                                    t_read)
         else:
             # memfd: the page is still in the page cache (punch comes after the commit).
             r.uffd.resolve(lambda: r.tracker.resolve(addr), addr)

@@ -35,6 +35,7 @@ live), so a delete can never destroy the record of a page that was evicted again
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from .pagebits import (
     RESIDENT,
     ZERO,
 )
+
+if TYPE_CHECKING:
+    from .trace import PageTrace
 
 FEW = 64  # up to this many pages served back, flush is scalar (cheaper than numpy)
 
@@ -95,6 +99,7 @@ class PageTable:
         self._present = 0  # resident pages present in memory (from the last scan, live)
         self._ws = self._cold = 0
         self._carry = 0.0  # fraction of a page of byte budget left from the last select
+        self.trace: PageTrace | None = None  # debug: every transition is noted there
 
     def set_tracking(self, tracking: TrackingSettings) -> None:
         """Live reload: used from the next observe/select on."""
@@ -131,6 +136,8 @@ class PageTable:
         self.back.append(p)
         self._present += 1
         self._evicted -= 1
+        if self.trace is not None:
+            self.trace.note("served_back", p)
 
     def zero_filled(self) -> None:
         """A never-evicted page was populated with zeros by a MISSING fault."""
@@ -141,6 +148,8 @@ class PageTable:
         its record, once committed, is deleted."""
         batch, i = self.inflight.pop(p)
         batch.reclaimed[i] = True
+        if self.trace is not None:
+            self.trace.note("reclaimed", p, (i, 1) if batch.staging else None)
         return batch
 
     def poisoned(self, p: int) -> bool:
@@ -156,6 +165,8 @@ class PageTable:
             self.back.remove(p)
         self.view[p] = POISONED
         self._poisoned += 1
+        if self.trace is not None:
+            self.trace.note("poisoned", p, detail=f"was kind {k}")
         self.counts.poisoned += 1
         self._deletes.append(p)  # the bad record, if any, goes
         return True
@@ -167,6 +178,8 @@ class PageTable:
         if not back:
             return 0
         self.back = []
+        if self.trace is not None:
+            self.trace.note("flushed", np.asarray(back, dtype=np.uint64))
         if len(back) <= FEW:
             n = self._flush_few(back)
         else:
@@ -213,6 +226,8 @@ class PageTable:
         """``pages`` (ascending) left the guest's page tables; their records are not
         committed yet. Anon: slot i of ``staging`` holds pages[i]."""
         batch = Batch(pages, staging, np.zeros(len(pages), dtype=bool))
+        if self.trace is not None:
+            self.trace.detached(pages, staging)
         self.inflight.update(zip(pages.tolist(), ((batch, i) for i in range(len(pages))),
                                  strict=True))
         return batch
@@ -220,7 +235,13 @@ class PageTable:
     def returned(self, batch: Batch, pages: np.ndarray | None = None) -> None:
         """In-flight pages of ``batch`` (all, or ``pages``) are back where they were,
         uncommitted (a failed store, a rollback): no longer in flight."""
-        for p in (batch.pages if pages is None else pages).tolist():
+        pages = batch.pages if pages is None else pages
+        if self.trace is not None:
+            self.trace.note("returned", pages)
+        self._leave(batch, pages)
+
+    def _leave(self, batch: Batch, pages: np.ndarray) -> None:
+        for p in pages.tolist():
             ent = self.inflight.get(p)
             if ent is not None and ent[0] is batch:
                 del self.inflight[p]
@@ -229,7 +250,7 @@ class PageTable:
         """The batch's records are committed. Pages nobody reclaimed meanwhile are gone
         from memory now (EVICTED); the records of reclaimed ones are deleted. Returns the
         evicted pages."""
-        self.returned(batch)
+        self._leave(batch, batch.pages)
         keep = ~batch.reclaimed
         ev = batch.pages[keep].astype(np.int64)
         st = self.state[ev]
@@ -243,6 +264,10 @@ class PageTable:
         self._present = max(0, self._present - len(ev))
         self.counts.evicted += len(ev)
         self._deletes.extend(batch.pages[batch.reclaimed].tolist())
+        if self.trace is not None:
+            self.trace.note("committed", ev.astype(np.uint64))
+            if batch.reclaimed.any():
+                self.trace.note("committed reclaimed", batch.pages[batch.reclaimed])
         return ev.astype(np.uint64)
 
     def take_deletes(self) -> np.ndarray:
@@ -253,7 +278,10 @@ class PageTable:
             return np.zeros(0, dtype=np.uint64)
         pages = np.unique(np.asarray(self._deletes, dtype=np.uint64))
         self._deletes = []
-        return pages[(self.state[pages] & KIND) != EVICTED]
+        pages = pages[(self.state[pages] & KIND) != EVICTED]
+        if self.trace is not None:
+            self.trace.note("record deletes", pages)
+        return pages
 
     # ---- the guest and restarts ---------------------------------------------------------
     def discarded(self, first: int, last: int) -> int:
@@ -261,6 +289,8 @@ class PageTable:
         now and read as zero. In-flight pages there are reclaimed (their records are
         deleted after the commit), records of evicted ones and poisoned states go.
         Returns how many evicted or poisoned pages that dropped."""
+        if self.trace is not None:
+            self.trace.note("discarded", (first, last - first))
         for p in ([p for p in self.inflight if first <= p < last]
                   if len(self.inflight) < last - first else range(first, last)):
             if p in self.inflight:
@@ -282,6 +312,8 @@ class PageTable:
         """Restart: the store holds records for ``pages`` (absent from memory) of a
         region this instance takes over. They are EVICTED, long ago (no refaults)."""
         p = pages.astype(np.int64)
+        if self.trace is not None:
+            self.trace.note("adopted", pages.astype(np.uint64))
         self.state[p] = np.where(zero, np.uint8(EVICTED | ZERO | EXPIRED),
                                  np.uint8(EVICTED | EXPIRED))
         self._evicted += len(p)

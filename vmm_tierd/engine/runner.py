@@ -16,11 +16,13 @@ from .cycle import Cycle
 from .evict import Evictor
 from .faults import FaultServer
 from .guest import Guest
+from .invariants import Invariants
 from .observer import Observer
 from .pages import PageTable
 from .region import RegionCtx, Report
 from .restore import restore_all
 from .store import PageStore
+from .trace import PageTrace
 from .tracker import make_tracker
 
 log = logging.getLogger("vmm_tierd.engine")
@@ -67,6 +69,11 @@ class RegionRunner:
         self.vanished = False
         self.done = trio.Event()
         self.restored = 0
+        # Debug, set before run(): a record of page transitions (trace.py), and the
+        # invariant checks (invariants.py) at the end of every cycle.
+        self.trace: PageTrace | None = None
+        self.debug_checks = False
+        self.invariants: Invariants | None = None
 
     async def setup(self) -> RegionCtx:
         """Register the region and build its context (``run`` does it first)."""
@@ -75,6 +82,13 @@ class RegionRunner:
         tracker = make_tracker(self.strategy, self.k, self.guest.space, uffd.fd, region,
                                features)
         pages = PageTable(region.npages, self.tracking, region.page_size)
+        if self.trace is not None:
+            pages.trace = self.trace
+            st = uffd.staging
+            self.trace.bind(region.addr, region.npages, region.page_size,
+                            staging=st.addr if st is not None else 0,
+                            staging_pages=st.npages if st is not None else 0,
+                            fd=region.fd, offset=region.offset)
         rid = self.store.region_id(self.name, owner=self.guest.store_owner)
         return RegionCtx(name=self.name, rid=rid, pages=pages,
                          uffd=uffd, tracker=tracker, space=self.guest.space,
@@ -92,7 +106,10 @@ class RegionRunner:
             raise
         evictor = Evictor(r)
         self.faults = FaultServer(r)
-        cycle = self.cycle = Cycle(r, evictor)
+        if self.debug_checks:
+            self.invariants = Invariants(r, evictor, self.trace)
+        cycle = self.cycle = Cycle(r, evictor, after=self.invariants.check
+                                   if self.invariants is not None else None)
         try:
             async with trio.open_nursery() as n:
                 await n.start(self.faults.serve)

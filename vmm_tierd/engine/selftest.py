@@ -1,5 +1,7 @@
 """``vmm-tierd selftest``: one guest region under aggressive settings with writers hammering
-the pages being evicted; then every page is verified while the fault server still serves."""
+the pages being evicted; then every page is verified while the fault server still serves.
+``--torture``: the same, harder and for as long as asked, on every backend and memory type
+asked for (torture.py, torture_cli.py)."""
 
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import trio
 from ..kernel.api import MemType, Pattern, Strategy, VerifyReport, WorkloadSpec
 from ..settings import DaemonSettings, RegionSettings, Settings, StoreSettings, TrackingSettings
 from .guest import LocalGuest
+from .observer import NullObserver
 
 REGION = "selftest"
 
 
-class RecordingObserver:
+class RecordingObserver(NullObserver):
     """Keeps fault latencies and error counts for the summary."""
 
     def __init__(self) -> None:
@@ -35,27 +38,12 @@ class RecordingObserver:
     def fault_served(self, region: str, kind: str, latency_s: float) -> None:
         self.latencies.append(latency_s)
 
-    def evicted(self, region: str, pages: int, guest_bytes: int) -> None:
-        pass
-
-    def refault(self, region: str, pages: int) -> None:
-        pass
-
-    def prefetched(self, region: str, pages: int) -> None:
-        pass
-
     def poisoned(self, region: str, pages: int) -> None:
         self.poisoned_count += pages
-
-    def discarded(self, region: str, pages: int, dropped: int) -> None:
-        pass
 
     def error(self, op: str, errno: int) -> None:
         key = f"{op}:{errno}"
         self.errors[key] = self.errors.get(key, 0) + 1
-
-    def cycle(self, region: str, phase_seconds: dict[str, float], total_s: float) -> None:
-        pass
 
     def percentiles_us(self) -> dict[str, float]:
         if not self.latencies:
@@ -69,31 +57,50 @@ class RecordingObserver:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # the same bounds and messages as the config file's keys (service/rules.py)
     from ..service import rules
+    from .torture_cli import BACKENDS, MEMTYPES, STRATEGIES, listed
 
-    p.add_argument("--backend", default="linux",
-                   choices=("fake", "fake-rwp", "fake-rfc", "linux"),
-                   help="kernel backend (default: linux; fake = the in-process fake kernel)")
+    p.add_argument("--backend", default=("linux",), type=listed("backend", BACKENDS),
+                   metavar="NAME", help="kernel backend: linux, fake (= fake-rwp), fake-rwp, "
+                   "fake-rfc; with --torture a comma-separated list, or all (default: linux)")
     p.add_argument("--seconds", type=rules.arg_type(rules.SECONDS), default=10.0,
                    metavar="N", help="how long the workload runs before the verification "
-                   "(a positive duration; default: 10)")
+                   "(a positive duration; with --torture: per backend and memory type; "
+                   "default: 10)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--size-mib", type=rules.arg_type(rules.SIZE_MIB), default=64,
-                   metavar="MIB", help="size of the guest region in MiB (default: 64)")
-    p.add_argument("--memtype", choices=("anon", "memfd"), default="anon",
-                   help="guest memory type, as region.memtype (default: anon)")
+    p.add_argument("--size-mib", type=rules.arg_type(rules.SIZE_MIB), default=None,
+                   metavar="MIB", help="size of the guest region in MiB (default: 64; "
+                   "--torture: 256 on linux, 8 on the fakes, whose vCPUs are Python)")
+    p.add_argument("--memtype", default=("anon",), type=listed("memtype", MEMTYPES),
+                   metavar="TYPE", help="guest memory type, as region.memtype: anon or "
+                   "memfd; with --torture a list, or all (default: anon)")
     p.add_argument("--store", type=Path, default=None, metavar="DIR",
                    help="store directory (default: a temporary one, removed afterwards)")
-    p.add_argument("--interval", type=rules.arg_type(rules.INTERVAL), default=0.1,
+    p.add_argument("--interval", type=rules.arg_type(rules.INTERVAL), default=None,
                    metavar="DURATION", help="tracking interval, as tracking.interval "
-                   "(10ms - 1h; default: 100ms)")
-    p.add_argument("--strategy", choices=("rwp", "wp"), default=None,
-                   help="force a strategy (default: what the kernel grants)")
+                   "(10ms - 1h; default: 100ms, --torture: 50ms)")
+    p.add_argument("--strategy", default=None, type=listed("strategy", STRATEGIES),
+                   metavar="NAME", help="force a strategy, rwp or wp (default: what the "
+                   "kernel grants); with --torture a list: each one the backend can run")
     p.add_argument("--threads", type=rules.arg_type(rules.WORKLOAD_THREADS), default=2,
                    metavar="N", help="workload threads, as region.workload.threads "
                    "(1 - 64; default: 2)")
+    p.add_argument("--torture", action="store_true",
+                   help="the torture: HAMMER writers on the pages being evicted, read "
+                   "bursts, stats scrapers, thread churn, random reloads, invariant checks "
+                   "after every cycle and a page trace; a summary per backend x memory "
+                   "type; exit 1 on any lost, corrupt or poisoned page or broken invariant")
+    p.add_argument("--fail-puts", type=float, default=0.0, metavar="FRACTION",
+                   help="--torture: this share of the store's writes fail (each such "
+                   "eviction is rolled back; default: 0)")
+    p.add_argument("--fail-moves-back", type=float, default=0.0, metavar="FRACTION",
+                   help="--torture: this share of the moves back from staging fail EAGAIN, "
+                   "as while a guest discard's event is unread (default: 0)")
+    p.add_argument("--no-trace", action="store_true",
+                   help="--torture: no page trace (faster; a failure prints no history)")
 
 
 def selftest_settings(args: argparse.Namespace, store_dir: Path) -> Settings:
+    """For one backend and memory type (``args.backend``, ``args.memtype``: strings)."""
     spec = WorkloadSpec(pattern=Pattern.SHIFTING, threads=args.threads, hot_fraction=0.1,
                         write_fraction=0.6, shift_period_s=1.0, touch_all_first=True,
                         zero_fraction=0.05, seed=int(time.time()) & 0xFFFF)
@@ -186,6 +193,19 @@ def run_selftest(args: argparse.Namespace) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.torture:
+        from .torture_cli import main_torture
+
+        return main_torture(args)
+    for name in ("backend", "memtype", "strategy"):
+        v = getattr(args, name)
+        if v is not None and len(v) != 1:
+            print(f"vmm-tierd selftest: error: argument --{name}: one value (a list or "
+                  "all needs --torture)", file=sys.stderr)
+            return 2
+        setattr(args, name, v[0] if v is not None else None)
+    args.size_mib = args.size_mib or 64
+    args.interval = args.interval or 0.1
     out = run_selftest(args)
     ok = (out["verify_completed"] and out["lost_writes"] == 0 and out["corrupt_pages"] == 0)
     out["ok"] = bool(ok)

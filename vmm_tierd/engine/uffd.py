@@ -8,7 +8,9 @@ anonymous staging area that UFFDIO_MOVE detaches victims into (see evict.py).
 
 Every resolving operation has the same race: a second fault on the same page, or the
 restore at stop, may have put the page in place first. The kernel then answers EEXIST and
-the faulting thread still sleeps, so EEXIST always means "wake it instead" (``resolve``).
+the faulting thread still sleeps, so EEXIST means "wake it instead" (``resolve``), except
+where a uffd-wp PTE marker can be the reason (ZEROPAGE, POISON, MOVE: see ``fill``,
+``poison``, ``move_in``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,38 @@ class RegionUffd:
     def zero(self, addr: int, length: int = 0) -> bool:
         """Resolve MISSING with zeros (see ``fill``)."""
         return self.resolve(lambda: self.fill(addr, None, length), addr, length)
+
+    def move_in(self, addr: int, src: int) -> bool:
+        """UFFDIO_MOVE one page from ``src`` (its staging slot) back to ``addr`` and wake
+        the faulting threads. True if it moved; False if the page was there already (a
+        racing fault won: woken instead). KernelError otherwise (ENOENT: ``src`` is empty).
+
+        MOVE, unlike COPY, refuses any destination PTE that is not none with EEXIST, a
+        uffd-wp marker included, and under the wp strategy every PAGEMAP_SCAN
+        (PM_SCAN_WP_MATCHING) leaves such a marker in each hole it walks: also in the
+        hole of a page that is still in staging, if a cycle's scan ran since the page was
+        moved out (a rollback that could not move it back leaves it there). Such a page
+        is absent, not there: taking that EEXIST for "there already" woke the thread
+        into a MISSING fault on a page whose only copy stayed in staging, to be dropped
+        with it (measured on 6.18). So on EEXIST clear a marker (un-protect, as for
+        POISON) and move again; only a second EEXIST means the page really is there."""
+        try:
+            self.k.uffd_move(self.fd, addr, src, self.ps, 0)
+            return True
+        except KernelError as e:
+            if e.errno != errno.EEXIST:
+                raise
+        if self.zero_by_copy:  # the wp strategy: its scans leave markers in holes
+            try:
+                self.k.uffd_writeprotect(self.fd, addr, self.ps,
+                                         uapi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE)
+                self.k.uffd_move(self.fd, addr, src, self.ps, 0)
+                return True
+            except KernelError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+        self.wake(addr)
+        return False
 
     def poison(self, addr: int) -> bool:
         """UFFDIO_POISON one page: the guest gets a memory error, never zeros. False if

@@ -261,6 +261,7 @@ class Pattern(enum.Enum):
     ZIPF = "zipf"
     SHIFTING = "shifting"  # hot set that moves over time
     SEQUENTIAL = "sequential"  # sequential scan
+    HAMMER = "hammer"  # writes on the pages just evicted (found absent), a hot set, read bursts
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .api import Pattern, Region, VerifyReport, WorkloadSpec, WorkloadStats
-from .fake_state import OK, PAGE, SIGBUS, Content, Mm, materialize
+from .fake_state import F_PRESENT, OK, PAGE, SIGBUS, Content, Mm, materialize
 from .stamps import workload_layout
 
 if TYPE_CHECKING:
@@ -84,6 +84,45 @@ class FakeWorkload:
         pages = pages - pages % spec.threads + t
         return np.where(pages >= n, pages - spec.threads, pages)
 
+    def _absent(self) -> np.ndarray:
+        """Pages of the region not mapped now, as mincore() tells a guest (memfd: not in
+        the page cache)."""
+        with self.k.lock:
+            m = self.mm.find(self.region.addr)
+            if m is None:
+                return np.zeros(0, dtype=np.int64)
+            lo = (self.region.addr - m.addr) // PAGE
+            if m.file is None:
+                there = (m.flags[lo:lo + self.npages] & F_PRESENT) != 0
+            else:
+                f0 = m.fpgoff + lo
+                there = np.asarray(m.file.cached[f0:f0 + self.npages], dtype=bool)
+            return np.flatnonzero(~there)
+
+    def _hammer(self, rng: np.random.Generator, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """HAMMER (as native/guest_workload.c): writes on absent pages this thread owns,
+        some reads of other absent pages, hot-set accesses, and now and then a burst of
+        consecutive reads."""
+        n, spec = self.npages, self.spec
+        absent = self._absent()
+        if len(absent):
+            absent = np.roll(absent, -int(rng.integers(0, len(absent))))
+        mine = absent[(absent % spec.threads == t) & (self.zero_mask[absent] == 0)][:64]
+        others = absent[absent % spec.threads != t][:16]
+        hot = max(1, int(spec.hot_fraction * n))
+        hp = rng.integers(0, hot, 64)
+        hw = rng.random(64) < spec.write_fraction
+        hp = np.where(hw, hp - hp % spec.threads + t, hp)
+        hp = np.where(hp >= n, hp - spec.threads, hp)
+        hw &= hp >= 0
+        parts = [mine, others, hp]
+        writes = [np.ones(len(mine), dtype=bool), np.zeros(len(others), dtype=bool), hw]
+        if rng.integers(0, 8) == 0:
+            burst = (int(rng.integers(0, n)) + np.arange(min(64, n))) % n
+            parts.append(burst)
+            writes.append(np.zeros(len(burst), dtype=bool))
+        return np.concatenate(parts).astype(np.int64), np.concatenate(writes)
+
     def _run(self, t: int) -> None:
         spec = self.spec
         tid = 0
@@ -101,9 +140,12 @@ class FakeWorkload:
         cursor = t
         delay = 1.0 / spec.ops_per_sec if spec.ops_per_sec > 0 else 0.0
         while not self._stop.is_set():
-            pages = self._picks(rng, t, cursor)
-            cursor = int(pages[-1]) + spec.threads
-            writes = rng.random(len(pages)) < spec.write_fraction
+            if spec.pattern is Pattern.HAMMER:
+                pages, writes = self._hammer(rng, t)
+            else:
+                pages = self._picks(rng, t, cursor)
+                cursor = int(pages[-1]) + spec.threads
+                writes = rng.random(len(pages)) < spec.write_fraction
             for p, w in zip(pages.tolist(), writes.tolist(), strict=True):
                 if self._stop.is_set() or p < 0:
                     break

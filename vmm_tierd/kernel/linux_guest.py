@@ -32,7 +32,8 @@ _KIND = {AccessKind.READ: lib.VG_READ, AccessKind.WRITE: lib.VG_WRITE,
 _STATUS = {lib.VG_PENDING: AccessStatus.PENDING, lib.VG_OK: AccessStatus.OK,
            lib.VG_SIGBUS: AccessStatus.SIGBUS, lib.VG_ERROR: AccessStatus.ERROR}
 _PATTERN = {Pattern.UNIFORM: lib.VG_UNIFORM, Pattern.ZIPF: lib.VG_ZIPF,
-            Pattern.SHIFTING: lib.VG_SHIFTING, Pattern.SEQUENTIAL: lib.VG_SEQUENTIAL}
+            Pattern.SHIFTING: lib.VG_SHIFTING, Pattern.SEQUENTIAL: lib.VG_SEQUENTIAL,
+            Pattern.HAMMER: lib.VG_HAMMER}
 _WAIT_SLICE = 0.2  # wait in slices so Ctrl-C is seen between C calls
 VERIFY_THREADS = 2
 
