@@ -146,7 +146,11 @@ def scan_scenario(k: Backend, mt: str) -> dict[str, Any]:
     o.rec("unreg", lambda: k.uffd_unregister(fd, o.r.addr, o.r.length))
     o.scan("unreg_end", return_mask=0x1FF)
     o.scan("check_wpasync", return_mask=0x1FF, flags=U.PM_SCAN_CHECK_WPASYNC)
-    o.rec("reg_unmapped", lambda: k.uffd_register(fd, o.r.addr - (1 << 30), PS, MISSING))
+    # a hole made here (mapped, then unmapped): a fixed guess such as addr - 1 GiB may
+    # land on some other mapping of this process (an LMDB map, a thread's stack)
+    hole = k.map_anon(PS)
+    k.unmap(hole)
+    o.rec("reg_unmapped", lambda: k.uffd_register(fd, hole.addr, PS, MISSING))
     o.rec("api_twice", lambda: k.uffd_api(fd, 0))
     k.uffd_close(fd)
     k.unmap(o.r)
