@@ -304,6 +304,10 @@ class Workload(Protocol):
 
     def stats(self) -> WorkloadStats: ...
 
+    def touched(self) -> bool:
+        """Every thread has finished its touch-all-first pass (True if it has none)."""
+        ...
+
     def stop(self) -> WorkloadStats: ...
 
     def verify(self) -> VerifyReport:
