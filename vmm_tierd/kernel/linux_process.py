@@ -164,16 +164,20 @@ class LinuxProcess:
         self._check_alive("maps")
         return parse_maps(text)
 
-    def fds(self) -> list[ProcFd]:
-        self._need_open("fds")
+    def _listdir(self, op: str, sub: str) -> list[str]:
+        """The entries of /proc/PID/<sub>, through the directory fd held open."""
+        self._need_open(op)
         try:
-            dfd = os.open("fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._dir)
+            dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._dir)
             try:
-                names = os.listdir(dfd)
+                return os.listdir(dfd)
             finally:
                 os.close(dfd)
         except OSError as e:
-            raise self._error("fds", e, "/proc/PID/fd") from None
+            raise self._error(op, e, f"/proc/PID/{sub}") from None
+
+    def fds(self) -> list[ProcFd]:
+        names = self._listdir("fds", "fd")
         out: list[ProcFd] = []
         for name in sorted(names, key=int):
             try:
@@ -188,16 +192,7 @@ class LinuxProcess:
         return out
 
     def threads(self) -> list[ThreadInfo]:
-        self._need_open("threads")
-        try:
-            dfd = os.open("task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                          dir_fd=self._dir)
-            try:
-                names = os.listdir(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as e:
-            raise self._error("threads", e, "/proc/PID/task") from None
+        names = self._listdir("threads", "task")
         out: list[ThreadInfo] = []
         for name in names:
             try:
