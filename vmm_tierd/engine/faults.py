@@ -39,6 +39,9 @@ class FaultServer:
         self.later: list[tuple[float, int, PageFault, float]] = []
         self.tries: dict[int, int] = {}
         self.waiting: set[int] = set()  # addresses in ``later``
+        # fault-around runs [lo, hi) owed by this burst's faults, filled once every fault
+        # of the burst has its own page (fill_around)
+        self.around: list[tuple[int, int]] = []
         self.reads = 0
         self.msgs = 0
 
@@ -75,9 +78,12 @@ class FaultServer:
                     self.tries.pop(fault.address, None)
                 served += 1
                 if not served % YIELD_EVERY:  # a fault storm must not starve the cycle
+                    self.fill_around()
                     self.flush()
                     await trio.lowlevel.checkpoint()
                     self.pull()
+            if self.around:
+                self.fill_around()
             # No read here: wait_readable returns at once if more faults came meanwhile,
             # and a read that finds nothing (every single-fault burst) costs a syscall.
             # No flush either, unless many pages came back: the page table flushes itself
@@ -244,8 +250,8 @@ class FaultServer:
         n = pages.params.prefetch
         if n > 1:
             lo, hi = pages.evicted_with(p, n)
-            if hi - lo > 1 and self._run_from_store(p, lo, hi, t_read):
-                return DONE
+            if hi - lo > 1:
+                self.around.append((lo, hi))
         try:
             data = r.store.get(r.rid, p)
         except RecordError as e:
@@ -267,42 +273,51 @@ class FaultServer:
         r.report.fault(kind, t_read)
         return DONE
 
-    def _run_from_store(self, p: int, lo: int, hi: int, t_read: float) -> bool:
-        """Fault-around: ``p`` and the pages evicted with it, [lo, hi), in one COPY. The
-        run is cut at a record that can't be read (that page is poisoned when it faults
-        itself). False: serve ``p`` alone."""
+    def fill_around(self) -> None:
+        """Fault-around: the pages evicted in the same cycle as a page that faulted,
+        copied back in one COPY per run, after every fault of the burst had its own page
+        (a faulting thread waits for its page only, never for its neighbours' records).
+        Only pages still EVICTED now: a fault, a discard or an eviction may have changed
+        some since. A record that can't be read cuts the run; that page stays evicted and
+        is poisoned when it faults itself."""
+        runs, self.around = self.around, []
+        st = self.st
+        for lo, hi in runs:
+            q = lo
+            while q < hi:
+                while q < hi and st[q] & KIND != EVICTED:
+                    q += 1
+                s = q
+                while q < hi and st[q] & KIND == EVICTED:
+                    q += 1
+                if s < q and not self._fill(s, q):
+                    break
+
+    def _fill(self, lo: int, hi: int) -> bool:
+        """Copy back the EVICTED pages [lo, hi); False if the kernel refused (the rest of
+        the run stays evicted: each page is served when it faults)."""
         r = self.r
-        got: list[bytes] = []
         zeros = bytes(self.ps)
-        start = lo
-        for q, d in zip(range(lo, hi), r.store.get_many(r.rid, range(lo, hi)), strict=True):
+        got: list[bytes] = []
+        for d in r.store.get_many(r.rid, range(lo, hi)):
             if isinstance(d, (KeyError, RecordError)):
-                if q <= p:
-                    if q == p:
-                        return False
-                    start, got = q + 1, []
-                    continue
-                hi = q
                 break
             got.append(zeros if d is None else d)
-        if hi - start < 2:
-            return False
-        addr = self.base + start * self.ps
-        done = hi - start
+        if not got:
+            return True
+        done = len(got)
+        ok = True
         try:
-            r.uffd.k.uffd_copy(r.uffd.fd, addr, b"".join(got), 0)
+            self.copy(self.fd, self.base + lo * self.ps, b"".join(got), 0)
         except KernelError as e:
-            # A page of the run was there after all (EEXIST, or EAGAIN after the bytes
-            # done): what was copied is back, the rest is served page by page.
-            done = e.done // self.ps
-        for q in range(start, start + done):
+            # EAGAIN (an event is pending) after the bytes done, or EEXIST: what was
+            # copied is back, the rest stays evicted
+            done, ok = e.done // self.ps, False
+        for q in range(lo, lo + done):
             r.pages.served_back(q)
-        if not start <= p < start + done:
-            return False
-        r.report.fault("store", t_read)
-        if done > 1:
-            r.report.obs.prefetched(r.name, done - 1)
-        return True
+        if done:
+            r.report.obs.prefetched(r.name, done)
+        return ok
 
     def _poison(self, p: int, addr: int, why: str, t_read: float) -> int:
         """The page's content can't be recovered: the guest gets a memory error, not
