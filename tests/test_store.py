@@ -420,14 +420,18 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("del"), st.lists(st.integers(0, 200), max_size=40), st.just(0)),
     st.tuples(st.just("range"), st.tuples(st.integers(0, 200), st.integers(0, 200)),
               st.just(0)),
+    st.tuples(st.just("many"), st.lists(st.integers(0, 210), max_size=30), st.just(0)),
     st.tuples(st.just("compact"), st.integers(1, 4), st.just(0)),
+    st.tuples(st.just("reopen"), st.just(0), st.just(0)),
+    st.tuples(st.just("trim"), st.just(0), st.just(0)),
 ), max_size=25)
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops)
-def test_matches_a_dict_model(tmp_path: Path, program: list[tuple]) -> None:
+def test_matches_a_dict_model_through_reopens_and_punches(tmp_path: Path,
+                                                          program: list[tuple]) -> None:
     path = tmp_path / f"m{os.getpid()}-{abs(hash(str(program))) % 10**9}"
     s = PageStore(path, sync="none", instance_id="t", segment_pages=3, compact_in_put=1)
     r = s.region_id("g")
@@ -448,8 +452,21 @@ def test_matches_a_dict_model(tmp_path: Path, program: list[tuple]) -> None:
                 assert s.delete_range(r, lo, hi) == len(gone)
                 for p in gone:
                     del model[p]
-            else:
+            elif op == "many":
+                for p, g in zip(arg, s.get_many(r, arg), strict=True):
+                    if p in model:
+                        assert (g or bytes(PAGE)) == model[p] and not isinstance(g, Exception)
+                    else:
+                        assert isinstance(g, KeyError)
+            elif op == "compact":
                 s.compact(arg)
+            elif op == "reopen":
+                with s._wlock:
+                    s._reopen()
+            else:  # trim: the punches of a cycle
+                with s._wlock:
+                    s._data.trim(s._env, list(s._dbs.values()))
+                    s._pool.committed()  # as after a commit: stale snapshots let go
             assert s.stats() == s.scan_stats()
         check(s, r, model)
         assert s.pages(r).tolist() == sorted(model)

@@ -11,8 +11,6 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from tests.test_store import check, mixed, put
 from vmm_tierd.engine.store import PageStore, RecordError
@@ -198,53 +196,3 @@ def test_leftovers_of_a_killed_daemon_are_reclaimed(tmp_path: Path) -> None:
         assert s2.stats().disk_bytes < 1 << 20  # the old file is gone, not kept around
 
 
-ops = st.lists(st.one_of(
-    st.tuples(st.just("put"), st.lists(st.integers(0, 150), min_size=1, max_size=40,
-                                        unique=True), st.integers(0, 10**6)),
-    st.tuples(st.just("del"), st.lists(st.integers(0, 150), max_size=40), st.just(0)),
-    st.tuples(st.just("many"), st.lists(st.integers(0, 160), max_size=30), st.just(0)),
-    st.tuples(st.just("compact"), st.integers(1, 4), st.just(0)),
-    st.tuples(st.just("reopen"), st.just(0), st.just(0)),
-    st.tuples(st.just("trim"), st.just(0), st.just(0)),
-), max_size=20)
-
-
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops)
-def test_store_matches_a_model_through_reopens_and_punches(tmp_path: Path,
-                                                           program: list[tuple]) -> None:
-    path = tmp_path / f"m{abs(hash(str(program))) % 10**9}"
-    s = PageStore(path, sync="none", instance_id="t", segment_pages=3, compact_in_put=1)
-    r = s.region_id("g")
-    model: dict[int, bytes] = {}
-    try:
-        for op, arg, salt in program:
-            if op == "put":
-                data = mixed(len(arg), salt)
-                put(s, r, arg, data)
-                model.update(zip(arg, data, strict=True))
-            elif op == "del":
-                assert s.delete(r, np.array(arg, dtype=np.uint64)) == len(set(arg) & set(model))
-                for p in arg:
-                    model.pop(p, None)
-            elif op == "many":
-                for p, g in zip(arg, s.get_many(r, arg), strict=True):
-                    if p in model:
-                        assert (g or bytes(PAGE)) == model[p] and not isinstance(g, Exception)
-                    else:
-                        assert isinstance(g, KeyError)
-            elif op == "compact":
-                s.compact(arg)
-            elif op == "reopen":
-                with s._wlock:
-                    s._reopen()
-            else:
-                with s._wlock:
-                    s._data.trim(s._env, list(s._dbs.values()))
-                    s._pool.committed()  # as after a commit: stale snapshots let go
-            assert s.stats() == s.scan_stats()
-        check(s, r, model)
-        assert s.pages(r).tolist() == sorted(model)
-    finally:
-        s.close()
