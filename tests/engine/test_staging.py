@@ -7,7 +7,8 @@ still come back intact: when the guest touches it, and by itself at the next evi
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import numpy as np
@@ -96,23 +97,29 @@ async def _read_back(h: H, pages: range) -> None:
         assert r.data == page_bytes(p, 1), f"page {p} lost its content"
 
 
-def _wrap(box: list[MovesBackFail]) -> Callable[[Backend], Kernel]:
+# after the failure no more victims: only the guest's faults return the stranded pages
+NO_MORE_VICTIMS = TrackingSettings(interval_s=0.05, min_age=250, refault_hold=0)
+
+
+@asynccontextmanager
+async def stranding(backend: str) -> AsyncIterator[tuple[H, MovesBackFail]]:
+    """The wp engine whose first store write fails and whose moves back fail on demand."""
+    box: list[MovesBackFail] = []
+
     def wrap(k: Backend) -> Kernel:
         box.append(MovesBackFail(k))
         return cast(Kernel, box[0])
-    return wrap
+
+    async with engine(backend, "anon", strategy=Strategy.WP, store_cls=FirstPutFails,
+                      wrap=wrap) as h:
+        yield h, box[0]
 
 
 @pytest.mark.parametrize("backend", WP_BACKENDS)
 def test_page_stranded_across_scans_comes_back_when_touched(backend: str) -> None:
     async def main() -> None:
-        box: list[MovesBackFail] = []
-        async with engine(backend, "anon", strategy=Strategy.WP, store_cls=FirstPutFails,
-                          wrap=_wrap(box)) as h:
-            # No more victims after the failure: no eviction returns the stranded pages,
-            # only the guest's faults do.
-            stuck = await _strand(h, box[0], lambda: h.engine.update_tracking(
-                TrackingSettings(interval_s=0.05, min_age=250, refault_hold=0)))
+        async with stranding(backend) as (h, fk):
+            stuck = await _strand(h, fk, lambda: h.engine.update_tracking(NO_MORE_VICTIMS))
             await _read_back(h, STUCK)
             assert not h.r.pages.inflight
             assert h.engine.region_stats()[0].faults.get("staging", 0) == len(stuck)
@@ -123,10 +130,8 @@ def test_page_stranded_across_scans_comes_back_when_touched(backend: str) -> Non
 @pytest.mark.parametrize("backend", WP_BACKENDS)
 def test_page_stranded_across_scans_is_returned_by_the_next_eviction(backend: str) -> None:
     async def main() -> None:
-        box: list[MovesBackFail] = []
-        async with engine(backend, "anon", strategy=Strategy.WP, store_cls=FirstPutFails,
-                          wrap=_wrap(box)) as h:
-            await _strand(h, box[0])
+        async with stranding(backend) as (h, fk):
+            await _strand(h, fk)
             # Other pages to evict: the next eviction must first take the stranded pages
             # back (staging can't be reused while they are in it), then go on.
             more = range(64, 96)
@@ -146,11 +151,8 @@ def test_page_whose_staging_copy_vanished_is_poisoned_not_zero(backend: str) -> 
     """Nothing in the engine empties a slot in flight; if it is empty all the same, the
     guest gets a memory error, never zeros in place of its data (before: zeros)."""
     async def main() -> None:
-        box: list[MovesBackFail] = []
-        async with engine(backend, "anon", strategy=Strategy.WP, store_cls=FirstPutFails,
-                          wrap=_wrap(box)) as h:
-            stuck = await _strand(h, box[0], lambda: h.engine.update_tracking(
-                TrackingSettings(interval_s=0.05, min_age=250, refault_hold=0)))
+        async with stranding(backend) as (h, fk):
+            stuck = await _strand(h, fk, lambda: h.engine.update_tracking(NO_MORE_VICTIMS))
             gone = stuck[0]
             batch, i = h.r.pages.inflight[gone]
             await trio.to_thread.run_sync(h.kernel.madvise, batch.staging + i * PS, PS,

@@ -82,8 +82,7 @@ class FaultServer:
                     self.flush()
                     await trio.lowlevel.checkpoint()
                     self.pull()
-            if self.around:
-                self.fill_around()
+            self.fill_around()
             # No read here: wait_readable returns at once if more faults came meanwhile,
             # and a read that finds nothing (every single-fault burst) costs a syscall.
             # No flush either, unless many pages came back: the page table flushes itself
